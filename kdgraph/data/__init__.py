@@ -1,0 +1,128 @@
+"""Datasets and data loaders for the ``data`` block of a spec.
+
+Built in: ``cifar10``, ``cifar100`` (downloaded into ``root`` when ``download: true``), ``cinic10``
+(ImageFolders ``root/{train,valid,test}``), ``imagenet`` (ImageFolders ``root/{train,val}``), ``digits``
+(scikit-learn's bundled 8x8 digits, offline) and ``fake`` (torchvision ``FakeData``).
+
+Adding a dataset
+----------------
+1. Register a builder under a name, with the dataset's meta information::
+
+       from kdgraph.data import DATASETS
+
+       @DATASETS.register("mydata", num_classes=10, input_shape=(3, 32, 32),
+                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+       def mydata(root, train: bool, augment: bool, download: bool, **options) -> Dataset: ...
+
+   The builder is called once with ``train=True`` and once with ``train=False``; ``options`` are the
+   spec's ``data.options``. A meta value may instead be a callable taking the options as keyword
+   arguments (e.g. ``input_shape=lambda size=32, **_: (3, size, size)``). When the training set has a
+   ``classes`` attribute, its length is taken as ``num_classes``.
+
+2. Or name an import path in the spec (``dataset: mypkg.data:make``). The callable is called once as
+   ``make(root=..., augment=..., download=..., **options)`` and must return
+   ``(train_set, test_set, info)`` where ``info`` is a :class:`DatasetInfo` or a dict with keys
+   ``num_classes`` and ``input_shape`` (C, H, W), and optionally ``mean``, ``std`` (default 0 and 1 per
+   channel) and ``name`` (default the import path).
+
+Loaders: :func:`build_loaders` shuffles the training set with a seeded ``torch.Generator``, so the order
+(and the seeds of worker processes) repeat for a given ``seed``; with ``distributed=True`` it uses
+``DistributedSampler`` instead, and the caller must call ``train_loader.sampler.set_epoch(epoch)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import UserError, did_you_mean
+from .base import DATASETS, DatasetInfo
+from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
+
+__all__ = ["DATASETS", "DatasetInfo", "build_datasets", "build_loaders", "seed_worker"]
+
+_BUILDER_ARGS = ("root", "train", "augment", "download")
+
+
+def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """``(train_set, test_set, info)`` for the ``data`` block ``cfg`` of a spec."""
+    name = cfg["dataset"]
+    common = dict(root=str(cfg.get("root") or "data"), augment=bool(cfg.get("augment", True)),
+                  download=bool(cfg.get("download", True)))
+    options = dict(cfg.get("options") or {})
+    builder = DATASETS.get(name)  # UserError, with suggestions, for an unknown name or a bad import path
+    if name in DATASETS:
+        _check_options(builder, options, name)
+        train_set = builder(train=True, **common, **options)
+        test_set = builder(train=False, **common, **options)
+        return train_set, test_set, _registered_info(name, options, train_set)
+
+    result = builder(**common, **options)
+    if not (isinstance(result, tuple) and len(result) == 3):
+        raise UserError(f"dataset {name!r} must return (train_set, test_set, info), got {type(result).__name__}")
+    train_set, test_set, info = result
+    if isinstance(info, DatasetInfo):
+        info = info if info.name else dataclasses.replace(info, name=name)
+    elif isinstance(info, Mapping):
+        info = DatasetInfo.from_dict(info, name=name)
+    else:
+        raise UserError(f"dataset {name!r}: info must be a DatasetInfo or a dict, got {type(info).__name__}")
+    return train_set, test_set, info
+
+
+def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0,
+                  distributed: bool = False) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+    """``(train_loader, test_loader, info)``: a shuffled training loader and an ordered test loader."""
+    train_set, test_set, info = build_datasets(cfg)
+    batch_size = int(cfg.get("batch_size") or 128)
+    test_batch_size = int(cfg.get("test_batch_size") or 2 * batch_size)
+    workers = int(cfg["workers"] if cfg.get("workers") is not None else 4)
+    pin_memory = cfg.get("pin_memory")
+    persistent = cfg.get("persistent_workers")
+    common = dict(num_workers=workers, worker_init_fn=seed_worker,
+                  pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
+                  persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
+
+    train_sampler = test_sampler = None
+    rank = 0
+    if distributed:
+        train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=False)
+        test_sampler = DistributedSampler(test_set, shuffle=False)
+        rank = train_sampler.rank  # different augmentation streams on different ranks
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
+                              sampler=train_sampler, drop_last=False,
+                              generator=torch.Generator().manual_seed(seed + rank), **common)
+    test_loader = DataLoader(test_set, batch_size=test_batch_size, shuffle=False, sampler=test_sampler,
+                             generator=torch.Generator().manual_seed(seed + rank), **common)
+    return train_loader, test_loader, info
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's generators in a worker from the torch seed DataLoader gave it."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _check_options(builder, options: Mapping[str, Any], name: str) -> None:
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in _BUILDER_ARGS]
+    for key in options:
+        if key not in accepted:
+            raise UserError(f"dataset {name!r} has no option {key!r}{did_you_mean(key, accepted)}; "
+                            f"its options: {', '.join(accepted) or 'none'}")
+
+
+def _registered_info(name: str, options: Mapping[str, Any], train_set: Dataset) -> DatasetInfo:
+    meta = {k: v(**options) if callable(v) else v for k, v in DATASETS.meta(name).items()}
+    classes = getattr(train_set, "classes", None)
+    if classes is not None:  # e.g. an ImageFolder holding a subset of ImageNet's classes
+        meta["num_classes"] = len(classes)
+    return DatasetInfo.from_dict(meta, name=name)

@@ -1,0 +1,122 @@
+"""Loss methods: registry, term construction and the wiring of their distillation positions.
+
+Built-in methods (spec ``method:`` names) are listed in :data:`LOSSES`; ``package.module:Name`` loads a
+user's :class:`~kdgraph.losses.terms.Term`. :func:`build_terms` turns a spec's ``loss`` list into terms whose
+``pairs`` hold the resolved (teacher tap, student tap) positions.
+"""
+from __future__ import annotations
+
+import inspect
+
+from ..errors import UserError, did_you_mean
+from ..graph import PRE, stage_ends
+from ..registry import Registry
+from . import functional
+from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
+
+LOSSES = Registry("loss method")
+for _name, _cls in [("ce", CE), ("kd", KD), ("dkd", DKD), ("at", AT), ("sp", SP), ("fitnet", FitNet),
+                    ("nst", NST), ("pkt", PKT), ("rkd", RKD), ("margin_relu", MarginReLU)]:
+    LOSSES.register(_name)(_cls)
+
+__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "term_params"]
+
+_COMMON = {"method", "weight", "positions", "warmup_epochs"}
+
+
+def term_params(cls) -> dict:
+    """The method's parameters and their defaults (``weight`` included)."""
+    params = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        params[name] = None if p.default is inspect.Parameter.empty else p.default
+    if params.get("weight") is None:
+        params["weight"] = getattr(cls, "default_weight", 1.0)
+    return params
+
+
+def _auto(rows: list[dict], term) -> list[str]:
+    if term.auto == "embedding":
+        linear = [i for i, r in enumerate(rows) if r["op"] == "Linear" and r["kind"] == "module"]
+        if not linear or linear[-1] == 0:
+            return []
+        prev = [r for r in rows[: linear[-1]] if r["kind"] != "block"]
+        return [prev[-1]["name"]] if prev else []
+    ends = stage_ends(rows, pre=term.features == "pre")
+    if term.auto == "last":
+        return ends[-1:]
+    if term.auto == "middle":
+        return ends[len(ends) // 2: len(ends) // 2 + 1]
+    return ends
+
+
+def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_rows: list[dict] | None,
+                has_teacher: bool) -> tuple[list[Term], list[tuple[tuple, str]]]:
+    """Terms for a spec's ``loss`` list, and the problems found as ``(key path, message)``.
+
+    ``*_rows`` are :func:`kdgraph.layers` tables; with ``None`` the positions are not checked.
+    """
+    terms, problems = [], []
+    for i, cfg in enumerate(loss):
+        path = ("loss", i)
+        try:
+            cls = LOSSES.get(cfg["method"])
+        except UserError as e:
+            problems.append((path + ("method",), str(e)))
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Term)):
+            problems.append((path + ("method",), f"{cfg['method']!r} is not a kdgraph.losses.Term subclass"))
+            continue
+        params = {k: v for k, v in cfg.items() if k not in ("method", "positions") and v is not None}
+        allowed = set(term_params(cls))
+        bad = [k for k in params if k not in allowed]
+        for k in bad:
+            problems.append((path + (k, "<key>"), f"{cfg['method']} has no parameter {k!r}"
+                                                  f"{did_you_mean(k, sorted(allowed | _COMMON))}; "
+                                                  f"its parameters: {', '.join(sorted(allowed))}"))
+        if bad:
+            continue
+        try:
+            term = cls(**params)
+        except (TypeError, ValueError) as e:
+            problems.append((path, f"{cfg['method']}: {e}"))
+            continue
+        if term.needs_teacher and not has_teacher:
+            problems.append((path + ("method",), f"{cfg['method']} distils from a teacher, but the spec has no "
+                                                 f"`teacher:` (remove the term to train the student alone)"))
+        positions = cfg.get("positions")
+        if term.features is None:
+            if positions is not None:
+                problems.append((path + ("positions",), f"{cfg['method']} works on logits and takes no positions"))
+        elif teacher_rows is not None and student_rows is not None:
+            pairs, errs = _resolve_pairs(cfg["method"], term, positions, teacher_rows, student_rows)
+            term.pairs = pairs
+            problems.extend((path + ("positions",) + p, m) for p, m in errs)
+        terms.append(term)
+    return terms, problems
+
+
+def _resolve_pairs(method, term, positions, teacher_rows, student_rows):
+    if positions is None or positions == "auto":
+        t_auto, s_auto = _auto(teacher_rows, term), _auto(student_rows, term)
+        if not t_auto or len(t_auto) != len(s_auto):
+            return [], [((), f"positions: auto found {len(t_auto)} teacher position(s) {t_auto} and "
+                             f"{len(s_auto)} student position(s) {s_auto} for {method}; list the pairs "
+                             f"explicitly as [[teacher_tap, student_tap], ...] (`kdgraph layers MODEL` lists taps)")]
+        return list(zip(t_auto, s_auto)), []
+    pairs, errs = [], []
+    for j, pair in enumerate(positions):
+        t, s = (pair["teacher"], pair["student"]) if isinstance(pair, dict) else pair
+        for k, (name, rows, who) in enumerate([(t, teacher_rows, "teacher"), (s, student_rows, "student")]):
+            known = {r["name"] for r in rows}
+            if name not in known and not _is_pre_of(name, known):
+                sub = (j, k) if not isinstance(pair, dict) else (j, who)
+                errs.append((sub, f"no layer {name!r} in the {who}{did_you_mean(name, known)}; "
+                                  f"`kdgraph layers MODEL` lists them"))
+        pairs.append((t, s))
+    return pairs, errs
+
+
+def _is_pre_of(name: str, known: set) -> bool:
+    return name.endswith(PRE) and name[: -len(PRE)] in known

@@ -1,0 +1,378 @@
+"""Distillation losses as pure functions, in the spirit of ``torch.nn.functional``.
+
+Conventions shared by every function here:
+
+* ``student`` comes first, ``teacher`` second. Teacher tensors are used as given: nothing is detached
+  here (the caller computes the teacher under ``no_grad``), and gradients flow to the student.
+* Inputs are never modified in place.
+* Computation runs in at least float32 with autocast switched off, so a loss called inside a bf16/fp16
+  autocast region returns the same float32 value as outside it. Half-precision inputs are promoted.
+* Shape mismatches that would otherwise broadcast silently raise ``ValueError`` naming both shapes.
+  Resizing or projecting features (connectors, pooling) is the caller's job.
+
+Where a paper and its authors' code differ, the code form is used (it is what the published weights
+were tuned for); each docstring says which.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "kd", "at", "sp", "margin_from_bn", "overhaul", "fitnet", "dkd", "pkt",
+    "rkd", "rkd_distance", "rkd_angle", "nst",
+]
+
+# Below this probability of the pre-activation being negative, the truncated mean is replaced by -3|gamma|
+# (Heo et al.'s official code).
+_MARGIN_MIN_NEG_PROB = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+def _promote(x):
+    """Half-precision tensors become float32; everything else is returned unchanged."""
+    if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _in_float32(fn):
+    """Run ``fn`` with autocast disabled and half-precision tensor arguments promoted to float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        args = tuple(_promote(a) for a in args)
+        kwargs = {k: _promote(v) for k, v in kwargs.items()}
+        if not torch.amp.is_autocast_available(device_type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _shapes(student: Tensor, teacher: Tensor) -> str:
+    return f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+
+
+def _require_same_shape(name: str, student: Tensor, teacher: Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(f"{name}: student and teacher shapes must match ({_shapes(student, teacher)})")
+
+
+def _require_same_batch(name: str, student: Tensor, teacher: Tensor) -> None:
+    if student.dim() < 1 or teacher.dim() < 1 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{name}: student and teacher batch sizes must match ({_shapes(student, teacher)})")
+
+
+def _require_same_spatial(name: str, student: Tensor, teacher: Tensor) -> None:
+    """(b, C, *spatial) inputs with equal b and spatial sizes; channel counts may differ."""
+    if student.dim() < 3 or teacher.dim() < 3:
+        raise ValueError(f"{name}: expected (batch, channels, *spatial) inputs ({_shapes(student, teacher)})")
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(
+            f"{name}: batch and spatial sizes must match ({_shapes(student, teacher)}); "
+            "resize the features before calling"
+        )
+
+
+def _require_logits(name: str, student: Tensor, teacher: Tensor) -> None:
+    _require_same_shape(name, student, teacher)
+    if student.dim() != 2:
+        raise ValueError(f"{name}: expected (batch, classes) logits, got {tuple(student.shape)}")
+
+
+def _require_positive_temperature(name: str, temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be positive, got {temperature}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# logit losses
+
+@_in_float32
+def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean -- Hinton et al. 2015, "Distilling the Knowledge".
+
+    Takes (batch, classes) logits of equal shape; the KL is summed over classes and averaged over the
+    batch (``reduction='batchmean'``), then scaled by T^2 so gradients keep their size across T.
+    """
+    _require_logits("kd", student_logits, teacher_logits)
+    _require_positive_temperature("kd", temperature)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def _binary_log_probs(logits: Tensor, target_mask: Tensor) -> Tensor:
+    """log [p_target, 1 - p_target] per row, (b, 2), computed with logsumexp (no log of a tiny sum)."""
+    log_total = torch.logsumexp(logits, dim=1)
+    log_target = logits.masked_select(target_mask) - log_total
+    log_rest = torch.logsumexp(_non_target(logits, target_mask), dim=1) - log_total
+    return torch.stack([log_target, log_rest], dim=1)
+
+
+def _non_target(logits: Tensor, target_mask: Tensor) -> Tensor:
+    """The (b, C-1) logits with each row's target entry removed (row order kept)."""
+    b, c = logits.shape
+    return logits.masked_select(~target_mask).view(b, c - 1)
+
+
+@_in_float32
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> Tensor:
+    """T^2 * (alpha * TCKD + beta * NCKD), batch mean -- Zhao et al. 2022, "Decoupled Knowledge Distillation".
+
+    Takes (batch, classes) logits of equal shape (classes >= 2) and integer class labels ``target`` of
+    shape (batch,). TCKD is the KL between the binary (target, rest) distributions of teacher and
+    student; NCKD is the KL between their softmaxes over the non-target classes only. Plain KD equals
+    TCKD + (1 - p_teacher[target]) * NCKD per sample (the paper's Eq. 7).
+
+    The official code drops the target class from the NCKD softmax by subtracting ``1000 * gt_mask``
+    from the logits; here the target logit is removed outright, which is the exact limit of that form
+    and cannot overflow in half precision.
+    """
+    _require_logits("dkd", student_logits, teacher_logits)
+    _require_positive_temperature("dkd", temperature)
+    b, num_classes = student_logits.shape
+    if num_classes < 2:
+        raise ValueError(f"dkd: needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}")
+    if target.shape != (b,) or target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(
+            f"dkd: target must hold one integer label per sample, shape ({b},); got "
+            f"{tuple(target.shape)} {target.dtype}"
+        )
+    target_mask = F.one_hot(target.long(), num_classes).bool()
+
+    z_s = student_logits / temperature
+    z_t = teacher_logits / temperature
+    tckd = F.kl_div(
+        _binary_log_probs(z_s, target_mask), _binary_log_probs(z_t, target_mask),
+        reduction="batchmean", log_target=True,
+    )
+    nckd = F.kl_div(
+        F.log_softmax(_non_target(z_s, target_mask), dim=1),
+        F.log_softmax(_non_target(z_t, target_mask), dim=1),
+        reduction="batchmean", log_target=True,
+    )
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# feature losses
+
+@_in_float32
+def fitnet(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """mean((s - t)^2) -- Romero et al. 2015, "FitNets: Hints for Thin Deep Nets".
+
+    Takes student and teacher features of equal shape (any shape). The paper's regressor is the
+    caller's connector: pass its output as ``student_feat``.
+    """
+    _require_same_shape("fitnet", student_feat, teacher_feat)
+    return F.mse_loss(student_feat, teacher_feat)
+
+
+def _attention_map(feat: Tensor, p: float) -> Tensor:
+    """normalize(mean_c |f|^p), flattened per sample: (b, C, *spatial) -> (b, prod(spatial))."""
+    return F.normalize(feat.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+@_in_float32
+def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2) -> Tensor:
+    """mean((a_s - a_t)^2), a = normalize(mean_c |f|^p) -- Zagoruyko & Komodakis 2017, "Attention Transfer".
+
+    Takes (batch, channels, *spatial) features; channel counts may differ, batch and spatial sizes
+    must match. This is the authors' code form (element mean of squared differences of the
+    L2-normalised maps); the paper's equation uses a p-norm of the difference scaled by beta/2.
+    """
+    _require_same_spatial("at", student_feat, teacher_feat)
+    return (_attention_map(student_feat, p) - _attention_map(teacher_feat, p)).pow(2).mean()
+
+
+def _similarity(feat: Tensor) -> Tensor:
+    """Row-normalised batch Gram matrix of the flattened features, (b, b)."""
+    flat = feat.flatten(1)
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+@_in_float32
+def sp(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """||G_s - G_t||_F^2 / b^2, G = row-normalised F F^T -- Tung & Mori 2019, "Similarity-Preserving KD".
+
+    Takes features of any shapes with the same batch size b; each sample is flattened to a row of F,
+    and each row of the b x b Gram matrix is L2-normalised.
+    """
+    _require_same_batch("sp", student_feat, teacher_feat)
+    b = student_feat.shape[0]
+    return (_similarity(student_feat) - _similarity(teacher_feat)).pow(2).sum() / b**2
+
+
+def margin_from_bn(weight: Tensor, bias: Tensor) -> Tensor:
+    """E[x | x < 0], x ~ N(beta, gamma^2), per channel -- Heo et al. 2019, "Overhaul of Feature Distillation".
+
+    Takes a BatchNorm's ``weight`` (gamma) and ``bias`` (beta), both of shape (C,), and returns the
+    margins, shape (C,), in ``weight``'s dtype. With s = |gamma|:
+    m = beta - s * pdf(beta/s) / cdf(-beta/s) when cdf(-beta/s) > 0.001, else -3 s (as the official
+    code). Computed in float64 with the exact normal pdf/cdf. For s == 0 the pre-activation is the
+    constant beta and m = min(beta, 0), the limit of the formula.
+    """
+    if weight.shape != bias.shape or weight.dim() != 1:
+        raise ValueError(
+            f"margin_from_bn: weight and bias must be 1-D of equal length "
+            f"(weight {tuple(weight.shape)}, bias {tuple(bias.shape)})"
+        )
+    mean = bias.double()
+    std = weight.double().abs()
+    degenerate = std == 0
+    z = mean / torch.where(degenerate, torch.ones_like(std), std)
+    neg_prob = torch.special.ndtr(-z)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    truncated_mean = mean - std * pdf / neg_prob.clamp_min(_MARGIN_MIN_NEG_PROB)
+    margin = torch.where(neg_prob > _MARGIN_MIN_NEG_PROB, truncated_mean, -3 * std)
+    margin = torch.where(degenerate, mean.clamp(max=0), margin)
+    return margin.to(weight.dtype)
+
+
+@_in_float32
+def overhaul(student_feat: Tensor, teacher_feat: Tensor, margin: Tensor) -> Tensor:
+    """sum((s - t')^2 * [(s > t') or (t' > 0)]) / b, t' = max(t, m) -- Heo et al. 2019, "Overhaul of FD".
+
+    Takes pre-ReLU features of equal shape (batch, C, *spatial) (the student already through its
+    connector) and per-channel margins of shape (C,), e.g. from :func:`margin_from_bn`. The partial
+    L2 skips positions where the student is at or below a non-positive target, which the teacher's
+    ReLU would map to the same output anyway.
+    """
+    _require_same_shape("overhaul", student_feat, teacher_feat)
+    if student_feat.dim() < 2 or margin.shape != student_feat.shape[1:2]:
+        raise ValueError(
+            f"overhaul: margin must have shape (channels,) for features {tuple(teacher_feat.shape)}; "
+            f"got {tuple(margin.shape)}"
+        )
+    channel_shape = (1, -1) + (1,) * (student_feat.dim() - 2)
+    target = torch.maximum(teacher_feat, margin.to(teacher_feat.dtype).view(channel_shape))
+    active = (student_feat > target) | (target > 0)
+    squared_error = (student_feat - target).pow(2)
+    return torch.where(active, squared_error, torch.zeros_like(squared_error)).sum() / student_feat.shape[0]
+
+
+def _pkt_probabilities(feat: Tensor, eps: float) -> Tensor:
+    """Rows of (cos + 1) / 2 between samples, normalised to sum to 1: (b, ...) -> (b, b)."""
+    flat = feat.flatten(1)
+    unit = flat / (flat.norm(dim=1, keepdim=True) + eps)
+    kernel = (unit @ unit.t() + 1) / 2
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+@_in_float32
+def pkt(student_feat: Tensor, teacher_feat: Tensor, eps: float = 1e-7) -> Tensor:
+    """mean_ij p_t,ij * log((p_t,ij + eps) / (p_s,ij + eps)) -- Passalis & Tefas 2018, "Probabilistic KT".
+
+    Takes features of any shapes with the same batch size b (flattened per sample). p_ij is the
+    cosine-similarity kernel (cos + 1) / 2 of the L2-normalised features, row-normalised into
+    conditional probabilities p(j | i). Reduction as the authors' code: ``torch.mean`` over all b*b
+    entries, i.e. the per-row KL sums averaged over rows and divided once more by b (the scale the
+    usual weight of 30000 was tuned for).
+    """
+    _require_same_batch("pkt", student_feat, teacher_feat)
+    p_s = _pkt_probabilities(student_feat, eps)
+    p_t = _pkt_probabilities(teacher_feat, eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def _pairwise_distances(flat: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances between rows, (b, b), zero diagonal; clamped before sqrt for finite gradients."""
+    sq_norms = flat.pow(2).sum(dim=1)
+    squared = (sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2 * flat @ flat.t()).clamp_min(eps)
+    off_diagonal = 1 - torch.eye(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    return squared.sqrt() * off_diagonal
+
+
+def _normalised_distances(feat: Tensor) -> Tensor:
+    distances = _pairwise_distances(feat.flatten(1))
+    return distances / distances[distances > 0].mean()
+
+
+def _triplet_cosines(feat: Tensor) -> Tensor:
+    """cos of the angle at i between j and k, (b, b, b): <e_ij, e_ik> with e_ij = normalize(x_j - x_i)."""
+    flat = feat.flatten(1)
+    directions = F.normalize(flat.unsqueeze(0) - flat.unsqueeze(1), dim=2)
+    return directions @ directions.transpose(1, 2)
+
+
+def _require_relational(name: str, student: Tensor, teacher: Tensor) -> None:
+    _require_same_batch(name, student, teacher)
+    if student.shape[0] < 2:
+        raise ValueError(f"{name}: needs at least 2 samples in the batch ({_shapes(student, teacher)})")
+
+
+@_in_float32
+def rkd_distance(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """smooth_l1(d_s / mean d_s, d_t / mean d_t), d = pairwise distances -- Park et al. 2019, "Relational KD".
+
+    Takes features of any shapes with the same batch size (>= 2), flattened per sample. Each distance
+    matrix is divided by the mean of its non-zero entries; smooth L1 (beta 1) is averaged over all
+    b*b entries, as the authors' code.
+    """
+    _require_relational("rkd_distance", student_feat, teacher_feat)
+    return F.smooth_l1_loss(_normalised_distances(student_feat), _normalised_distances(teacher_feat))
+
+
+@_in_float32
+def rkd_angle(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """smooth_l1(cos angle_s(i,j,k), cos angle_t(i,j,k)), all triplets -- Park et al. 2019, "Relational KD".
+
+    Takes features of any shapes with the same batch size (>= 2), flattened per sample. The cosine of
+    the angle at x_i between x_j and x_k is <e_ij, e_ik> with e_ij the unit vector from x_i to x_j;
+    smooth L1 (beta 1) is averaged over all b^3 triplets, as the authors' code.
+    """
+    _require_relational("rkd_angle", student_feat, teacher_feat)
+    return F.smooth_l1_loss(_triplet_cosines(student_feat), _triplet_cosines(teacher_feat))
+
+
+@_in_float32
+def rkd(
+    student_feat: Tensor,
+    teacher_feat: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> Tensor:
+    """distance_weight * rkd_distance + angle_weight * rkd_angle -- Park et al. 2019, "Relational KD".
+
+    Takes features of any shapes with the same batch size (>= 2); see :func:`rkd_distance` and
+    :func:`rkd_angle`. The default weights are the paper's (25, 50).
+    """
+    return (distance_weight * rkd_distance(student_feat, teacher_feat)
+            + angle_weight * rkd_angle(student_feat, teacher_feat))
+
+
+def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over batch and channel pairs of (a_i . b_j)^2 for (b, Ca, n) and (b, Cb, n) inputs."""
+    return (a @ b.transpose(1, 2)).pow(2).mean()
+
+
+@_in_float32
+def nst(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """mean K(t,t) + mean K(s,s) - 2 mean K(s,t), K(x,y) = (x.y)^2 -- Huang & Wang 2017, "Like What You Like".
+
+    Takes (batch, channels, *spatial) features; channel counts may differ, batch and spatial sizes
+    must match. Each channel's activation map is flattened and L2-normalised over positions; the
+    channel maps are the samples of the MMD (polynomial kernel, d = 2, c = 0), computed per sample
+    and averaged over the batch (RepDistiller's NSTLoss form).
+    """
+    _require_same_spatial("nst", student_feat, teacher_feat)
+    s = F.normalize(student_feat.flatten(2), dim=2)
+    t = F.normalize(teacher_feat.flatten(2), dim=2)
+    return _poly_kernel_mean(t, t) + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)

@@ -1,0 +1,152 @@
+"""The model zoo and :func:`build_model`.
+
+A model name is one of
+
+* a name in :data:`MODELS` (``wrn-40-2``, ``resnet32x4``, ``shufflenetv2-1.0``...) or ``wrn-D-K`` for any
+  valid depth ``D`` and widen factor ``K``;
+* ``torchvision:NAME`` for any classification model of ``torchvision.models`` (``torchvision:resnet18``);
+* an import path ``package.module:callable`` whose call returns an ``nn.Module``.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError, did_you_mean
+from ..registry import Registry
+from .resnet_cifar import ResNet
+from .shufflenetv2 import ShuffleNetV2
+from .wrn import WideResNet, blocks_per_stage
+
+__all__ = ["MODELS", "build_model", "model_exists", "list_models"]
+
+MODELS = Registry("model")
+
+TORCHVISION_PREFIX = "torchvision:"
+LIST_NUM_CLASSES = 100  # the class count list_models() counts parameters for (CIFAR-100, as the KD papers do)
+
+_WRN_PAPER = "Zagoruyko & Komodakis, Wide Residual Networks, BMVC 2016 (arXiv:1605.07146)"
+_SHUFFLENETV2_PAPER = "Ma et al., ShuffleNet V2, ECCV 2018 (arXiv:1807.11164)"
+_RESNET_PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
+_RESNET_X4_PAPER = _RESNET_PAPER + "; x4 widths: Tian et al., Contrastive Representation Distillation, ICLR 2020"
+
+for _depth, _k in [(16, 1), (16, 2), (16, 4), (16, 8), (28, 2), (28, 4), (28, 10), (40, 1), (40, 2), (40, 4)]:
+    MODELS.register(f"wrn-{_depth}-{_k}", family="wrn", paper=_WRN_PAPER)(partial(WideResNet, _depth, _k))
+
+for _size in ["0.5", "1.0", "1.5", "2.0"]:
+    MODELS.register(f"shufflenetv2-{_size}", family="shufflenetv2", paper=_SHUFFLENETV2_PAPER)(
+        partial(ShuffleNetV2, float(_size)))
+
+for _depth in [20, 32, 56, 110]:
+    MODELS.register(f"resnet{_depth}", family="resnet-cifar", paper=_RESNET_PAPER)(partial(ResNet, _depth))
+for _depth in [8, 32]:
+    MODELS.register(f"resnet{_depth}x4", family="resnet-cifar", paper=_RESNET_X4_PAPER)(
+        partial(ResNet, _depth, (32, 64, 128, 256)))
+
+
+def _wrn_from_name(match: re.Match) -> Callable[..., WideResNet]:
+    depth, widen_factor = int(match[1]), int(match[2])
+    blocks_per_stage(depth, widen_factor)  # an impossible WRN is a UserError, so model_exists() says False
+    return partial(WideResNet, depth, widen_factor)
+
+
+MODELS.register_pattern(r"wrn-(\d+)-(\d+)", _wrn_from_name, "wrn-D-K")
+
+
+def build_model(name: str, num_classes: int = 10, weights: str | None = None, in_channels: int = 3,
+                **kwargs: Any) -> nn.Module:
+    """Build the model called ``name`` (see the module docstring) with ``num_classes`` outputs.
+
+    ``weights`` names pretrained torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``...) and is the only
+    thing that downloads; such a model keeps the weights' class count, which must equal ``num_classes``.
+    Registry and import-path builders get ``num_classes`` if their signature takes it (or ``**kwargs``), and
+    ``in_channels`` if it names it (or takes ``**kwargs`` and ``in_channels`` is not 3); other ``kwargs`` go
+    to the builder as they are.
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        return _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, weights, in_channels, kwargs)
+    if weights is not None:
+        raise UserError(f"weights={weights!r} only applies to 'torchvision:' models, not to {name!r}")
+    builder = MODELS.get(name)
+    if not callable(builder):
+        raise UserError(f"model {name!r} names a {type(builder).__name__}, not something that builds a model")
+    params = _parameters(builder)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "num_classes" in params or takes_any:
+        kwargs["num_classes"] = num_classes
+    if "in_channels" in params or (takes_any and in_channels != 3):
+        kwargs["in_channels"] = in_channels
+    elif in_channels != 3:
+        raise UserError(f"model {name!r} takes no in_channels argument, so it cannot take {in_channels} channels")
+    return _instantiate(name, builder, kwargs)
+
+
+def _parameters(builder: Callable) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(builder).parameters)
+    except (TypeError, ValueError):  # some builtins have no signature
+        return {}
+
+
+def _build_torchvision(arch: str, num_classes: int, weights: str | None, in_channels: int,
+                       kwargs: dict[str, Any]) -> nn.Module:
+    from torchvision import models  # imported here: torchvision is slow to import and often unneeded
+
+    name = TORCHVISION_PREFIX + arch
+    known = models.list_models(module=models)
+    if arch not in known:
+        raise UserError(f"unknown torchvision model {arch!r}{did_you_mean(arch, known)}")
+    if in_channels != 3:
+        raise UserError(f"{name} takes 3 input channels, not in_channels={in_channels}")
+    if weights is None:
+        kwargs["num_classes"] = num_classes
+    else:
+        enum = models.get_model_weights(arch)
+        try:
+            classes = len(enum.verify(weights).meta["categories"])
+        except KeyError:
+            raise UserError(f"unknown weights {weights!r} for {name}; available: "
+                            f"{', '.join(['DEFAULT'] + [w.name for w in enum])}") from None
+        if classes != num_classes:
+            raise UserError(f"weights {weights!r} of {name} have {classes} classes but num_classes is "
+                            f"{num_classes}; set num_classes to {classes}")
+    return _instantiate(name, partial(models.get_model, arch, weights=weights), kwargs)
+
+
+def _instantiate(name: str, builder: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        model = builder(**kwargs)
+    except TypeError as e:
+        raise UserError(f"cannot build model {name!r} with arguments {sorted(kwargs)}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_exists(name: str) -> bool:
+    """Whether ``name`` names a model, without building it (an import path is imported)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        from torchvision import models
+
+        return name[len(TORCHVISION_PREFIX):] in models.list_models(module=models)
+    return MODELS.exists(name)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One dict per registered model: name, family, paper, num_classes and its parameter count for them.
+
+    The models are built on the meta device, so this allocates no memory and runs no initialisation.
+    """
+    rows = []
+    for name in MODELS.names():
+        with torch.device("meta"):
+            model = build_model(name, num_classes=LIST_NUM_CLASSES)
+        meta = MODELS.meta(name)
+        rows.append({"name": name, "family": meta.get("family"), "paper": meta.get("paper"),
+                     "num_classes": LIST_NUM_CLASSES, "params": sum(p.numel() for p in model.parameters())})
+    return rows

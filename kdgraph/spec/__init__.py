@@ -1,0 +1,252 @@
+"""Specs: YAML files validated against the JSON Schema shipped here (``schema.json``, draft 2020-12).
+
+Every problem is reported as ``FILE:LINE:COL: key.path: message``. Loading is ``yaml.safe_load``-safe (only
+plain YAML types). ``extends: base.yaml`` deep-merges a base spec (lists are replaced, not merged), and
+``--set key.path=value`` overrides apply last (the value is parsed as YAML).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+import yaml
+
+from ..errors import SpecError, UserError, did_you_mean
+
+Path_ = tuple  # a key path: ("loss", 0, "weight")
+Where = tuple  # (file, line, col)
+
+
+@dataclass
+class Spec:
+    """A loaded spec: plain data plus where each key path came from."""
+
+    data: dict
+    file: str
+    positions: dict[Path_, Where] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    def where(self, path: Iterable) -> Where:
+        path = tuple(path)
+        while path and path not in self.positions:
+            path = path[:-1]
+        return self.positions.get(path, (self.file, 1, 1))
+
+    def problem(self, path: Iterable, message: str) -> tuple:
+        path = tuple(path)
+        return (*self.where(path), dotted(path), message)
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+
+def dotted(path: Iterable) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("schema.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+def _construct(node: yaml.Node, file: str, path: Path_, positions: dict) -> Any:
+    positions[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = _scalar(key_node)
+            if key in out:
+                raise SpecError([(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                                  dotted(path + (key,)), "duplicate key")])
+            out[key] = _construct(value_node, file, path + (key,), positions)
+            # point a key's problems at the key itself, its value's at the value
+            positions.setdefault(path + (key, "<key>"), (file, key_node.start_mark.line + 1,
+                                                         key_node.start_mark.column + 1))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, file, path + (i,), positions) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict]:
+    """Parse YAML safely, returning the data and ``{key path: (file, line, col)}``."""
+    file = str(file)
+    if text is None:
+        try:
+            text = Path(file).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read spec {file}: {e.strerror or e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecError([(file, line, col, "", f"invalid YAML: {getattr(e, 'problem', None) or e}")]) from None
+    positions: dict = {}
+    if node is None:
+        return {}, positions
+    try:
+        return _construct(node, file, (), positions), positions
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise SpecError([(file, mark.line + 1, mark.column + 1, "", f"unsupported YAML: {e.problem}")]) from None
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def set_path(data: dict, path: list, value: Any) -> None:
+    """Set ``data[p0][p1]...`` = value; list indices are integers, missing mappings are created."""
+    node = data
+    for i, key in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {} if not str(path[i + 1]).isdigit() else [])
+    last = path[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx == len(node):
+            node.append(value)
+        else:
+            node[idx] = value
+    else:
+        node[last] = value
+
+
+def get_path(data: Any, path: Iterable) -> Any:
+    for key in path:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def parse_override(text: str) -> tuple[list, Any]:
+    if "=" not in text:
+        raise UserError(f"--set expects KEY.PATH=VALUE, got {text!r}")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: the value {raw!r} is not valid YAML: {e}") from None
+    path = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    return path, value
+
+
+def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = None, _seen: tuple = ()) -> Spec:
+    """Load a spec file with ``extends`` and ``--set`` overrides, and check it against the schema."""
+    spec = _load_raw(Path(file), text, _seen)
+    for text_override in overrides:
+        path, value = parse_override(text_override)
+        try:
+            set_path(spec.data, path, value)
+        except (IndexError, ValueError, TypeError, KeyError, AttributeError):
+            raise UserError(f"--set {text_override}: no such place in the spec "
+                            f"(lists are indexed from 0; use the next index to append)") from None
+        spec.positions[tuple(path)] = ("--set", 1, 1)
+        spec.overrides.append(text_override)
+    problems = schema_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    apply_defaults(spec.data)
+    return spec
+
+
+def _load_raw(file: Path, text: str | None, seen: tuple) -> Spec:
+    data, positions = load_yaml(file, text)
+    if not isinstance(data, dict):
+        raise SpecError([(str(file), 1, 1, "", "a spec is a mapping of keys (name, data, student, ...)")])
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return Spec(data, str(file), positions)
+    base_file = (file.parent / base_name) if not Path(base_name).is_absolute() else Path(base_name)
+    if base_file.resolve() in seen:
+        raise SpecError([(*positions[("extends",)], "extends", f"circular extends through {base_file}")])
+    if not base_file.exists():
+        raise SpecError([(*positions[("extends",)], "extends", f"base spec {base_file} does not exist")])
+    base = _load_raw(base_file, None, seen + (file.resolve(),))
+    merged = _merge(base.data, data)
+    base.positions.update(positions)
+    return Spec(merged, str(file), base.positions)
+
+
+# ------------------------------------------------------------------------------------- schema checking
+def schema_problems(spec: Spec) -> list[tuple]:
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = []
+    for error in sorted(validator.iter_errors(spec.data), key=lambda e: list(map(str, e.absolute_path))):
+        problems.extend(_explain(spec, error))
+    return problems
+
+
+def _explain(spec: Spec, error: jsonschema.ValidationError) -> list[tuple]:
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(error.schema.get("properties", {}))
+        unknown = [k for k in error.instance if k not in known]
+        return [(*spec.where(path + (k, "<key>")), dotted(path + (k,)),
+                 f"unknown key {k!r}{did_you_mean(str(k), known)}; valid keys: {', '.join(known)}")
+                for k in unknown]
+    if error.validator == "enum":
+        options = error.validator_value
+        return [spec.problem(path, f"{error.instance!r} is not one of {options}"
+                                   f"{did_you_mean(str(error.instance), map(str, options))}")]
+    if error.validator == "oneOf" and error.context:
+        # report the branch that got furthest rather than jsonschema's generic summary
+        best = max(error.context, key=lambda e: len(e.absolute_path))
+        if best.absolute_path != error.absolute_path or best.validator != "type":
+            return _explain(spec, best)
+        return [spec.problem(path, f"expected {error.schema.get('description') or 'a valid value'}, "
+                                   f"got {error.instance!r}")]
+    if error.validator == "required":
+        return [spec.problem(path, error.message.replace("property", "key"))]
+    return [spec.problem(path, error.message)]
+
+
+def apply_defaults(data: dict, sch: dict | None = None) -> None:
+    """Fill schema defaults into ``data`` in place (objects that are present, and top-level sections)."""
+    root = sch or schema()
+
+    def resolve(s: dict) -> dict:
+        while "$ref" in s:
+            s = root["$defs"][s["$ref"].rsplit("/", 1)[-1]]
+        return s
+
+    def fill(obj: Any, s: dict) -> None:
+        s = resolve(s)
+        if isinstance(obj, dict):
+            for key, sub in s.get("properties", {}).items():
+                sub = resolve(sub)
+                if key not in obj:
+                    if "default" in sub:
+                        obj[key] = copy.deepcopy(sub["default"])
+                    elif sub.get("type") == "object" and sch is None and obj is data:
+                        obj[key] = {}
+                if key in obj:
+                    fill(obj[key], sub)
+        elif isinstance(obj, list) and isinstance(s.get("items"), dict):
+            for item in obj:
+                fill(item, s["items"])
+
+    fill(data, root)

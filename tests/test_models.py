@@ -1,0 +1,173 @@
+"""Tests of the model zoo: kdgraph.models and its CIFAR architectures."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from kdgraph.errors import UserError
+from kdgraph.models import MODELS, build_model, list_models, model_exists
+from kdgraph.models.shufflenetv2 import ShuffleNetV2, channel_shuffle
+from kdgraph.models.wrn import WideResNet
+
+ALL = MODELS.names()
+
+# Parameter counts for 100 classes as reported in the literature: Zagoruyko & Komodakis 2016 (wrn-28-10,
+# wrn-16-8, wrn-40-4) and the CIFAR-100 tables commonly given in KD papers for the others.
+PAPER_PARAMS = {
+    "wrn-16-2": 0.70e6,
+    "wrn-40-1": 0.57e6,
+    "wrn-40-2": 2.26e6,
+    "wrn-28-4": 5.87e6,
+    "wrn-40-4": 8.9e6,
+    "wrn-16-8": 11.0e6,
+    "wrn-28-10": 36.5e6,
+    "resnet20": 0.28e6,
+    "resnet32": 0.47e6,
+    "resnet56": 0.86e6,
+    "resnet110": 1.73e6,
+    "resnet8x4": 1.23e6,
+    "resnet32x4": 7.43e6,
+    "shufflenetv2-1.0": 1.35e6,
+}
+
+
+@functools.cache
+def built(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, num_classes=100)
+
+
+def test_registry_names():
+    assert {"wrn-16-1", "wrn-16-2", "wrn-16-4", "wrn-16-8", "wrn-28-2", "wrn-28-4", "wrn-28-10", "wrn-40-1",
+            "wrn-40-2", "wrn-40-4", "shufflenetv2-0.5", "shufflenetv2-1.0", "shufflenetv2-1.5",
+            "shufflenetv2-2.0", "resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4",
+            "resnet32x4"} <= set(ALL)
+    for name in ALL:
+        assert MODELS.meta(name)["family"] in {"wrn", "shufflenetv2", "resnet-cifar"}
+        assert MODELS.meta(name)["paper"]
+
+
+def test_parameter_counts_match_the_papers():
+    rows = {row["name"]: row for row in list_models()}
+    assert set(rows) == set(ALL)
+    for name, expected in PAPER_PARAMS.items():
+        assert rows[name]["num_classes"] == 100
+        assert rows[name]["params"] == pytest.approx(expected, rel=0.02), name
+    assert rows["wrn-40-2"]["params"] == sum(p.numel() for p in built("wrn-40-2").parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("size", [32, 16])
+def test_forward_shape(name, size):
+    with torch.no_grad():
+        out = built(name).eval()(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 100)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fx_trace_matches_eager(name):
+    model = built(name)
+    torch.fx.symbolic_trace(model.train())
+    traced = torch.fx.symbolic_trace(model.eval())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_relus_are_in_place(name):
+    relus = [m for m in built(name).modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(m.inplace for m in relus)
+
+
+def test_layer_names():
+    wrn = dict(built("wrn-16-2").named_modules())
+    assert {"conv1", "block1", "block2.0.relu1", "block2.0.shortcut", "block3.1.conv2", "bn1", "relu", "avgpool",
+            "fc"} <= set(wrn)
+    assert "block2.1.shortcut" not in wrn and isinstance(wrn["block2"], nn.Sequential)
+    resnet = dict(built("resnet8x4").named_modules())
+    assert {"conv1", "bn1", "relu", "layer1.0.downsample", "layer3.0.relu", "avgpool", "fc"} <= set(resnet)
+    assert "layer1.0.downsample" not in dict(built("resnet20").named_modules())
+    shuffle = dict(built("shufflenetv2-0.5").named_modules())
+    assert {"conv1", "bn1", "relu1", "stage1", "stage2", "stage3", "conv2", "bn2", "relu2", "avgpool",
+            "fc"} <= set(shuffle)
+    assert [len(shuffle[f"stage{i}"]) for i in (1, 2, 3)] == [4, 8, 4]
+
+
+def test_reused_relu_gives_two_graph_nodes():
+    graph = torch.fx.symbolic_trace(built("resnet20")).graph
+    assert [n.target for n in graph.nodes if n.op == "call_module"].count("layer1.0.relu") == 2
+
+
+def test_wrn_depth_must_be_6n_plus_4():
+    with pytest.raises(UserError, match="6n\\+4"):
+        WideResNet(17, 2)
+    with pytest.raises(UserError, match="6n\\+4"):
+        build_model("wrn-17-2")
+    assert not model_exists("wrn-17-2")
+    assert model_exists("wrn-22-3")
+    assert build_model("wrn-22-3").fc.in_features == 64 * 3
+
+
+def test_wrn_dropout():
+    model = build_model("wrn-16-1", dropout=0.3)
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 6
+    torch.fx.symbolic_trace(model)
+
+
+def test_shufflenet():
+    x = torch.arange(4.0).view(1, 4, 1, 1)
+    assert channel_shuffle(x).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+    with pytest.raises(UserError, match="net_size"):
+        ShuffleNetV2(0.75)
+
+
+def test_in_channels():
+    model = build_model("resnet20", num_classes=3, in_channels=1).eval()
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    with pytest.raises(UserError, match="in_channels"):
+        build_model("torchvision:resnet18", in_channels=1)
+
+
+def test_torchvision():
+    model = build_model("torchvision:resnet18", num_classes=7)
+    assert model.fc.out_features == 7
+    assert model_exists("torchvision:resnet18") and not model_exists("torchvision:resnet19")
+    with pytest.raises(UserError, match="resnet18"):
+        build_model("torchvision:resnet19")
+
+
+def test_torchvision_weights_are_checked_before_any_download():
+    with pytest.raises(UserError, match="1000 classes"):
+        build_model("torchvision:resnet18", num_classes=10, weights="DEFAULT")
+    with pytest.raises(UserError, match="IMAGENET1K_V1"):
+        build_model("torchvision:resnet18", num_classes=1000, weights="NOPE")
+    with pytest.raises(UserError, match="torchvision"):
+        build_model("resnet20", weights="DEFAULT")
+
+
+def test_import_paths():
+    assert build_model("torchvision.models:resnet18", num_classes=5).fc.out_features == 5  # takes **kwargs
+    assert isinstance(build_model("torch.nn:Linear", in_features=4, out_features=2), nn.Linear)  # no num_classes
+    model = build_model("kdgraph.models.resnet_cifar:ResNet", num_classes=3, in_channels=1, depth=8)
+    assert (model.conv1.in_channels, model.fc.out_features) == (1, 3)
+    assert model_exists("torch.nn:Linear") and not model_exists("torch.nn:Nope")
+    with pytest.raises(UserError, match="not a torch.nn.Module"):
+        build_model("collections:OrderedDict")
+    with pytest.raises(UserError, match="out_features"):
+        build_model("torch.nn:Linear", in_features=4)
+
+
+def test_bad_kwargs_name_the_model_and_argument():
+    with pytest.raises(UserError, match="wrn-16-2.*widen"):
+        build_model("wrn-16-2", widen=3)
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(UserError, match="did you mean 'resnet56'"):
+        build_model("resnet-56")
+    assert not model_exists("resnet-56")
