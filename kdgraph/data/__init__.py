@@ -25,9 +25,10 @@ Adding a dataset
    ``num_classes`` and ``input_shape`` (C, H, W), and optionally ``mean``, ``std`` (default 0 and 1 per
    channel) and ``name`` (default the import path).
 
-Loaders: :func:`build_loaders` shuffles the training set with a seeded ``torch.Generator``, so the order
+Loaders: :func:`build_loaders` shuffles the training set in an order fixed by the seed and the epoch, so it
 (and the seeds of worker processes) repeat for a given ``seed``; with ``distributed=True`` it uses
-``DistributedSampler`` instead, and the caller must call ``train_loader.sampler.set_epoch(epoch)``.
+shards of the same order across ranks. Both use :class:`EpochSampler`: call
+``train_loader.sampler.set_epoch(epoch)`` before each epoch (the order is a function of seed and epoch).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError, did_you_mean
 from .base import DATASETS, DatasetInfo
@@ -88,18 +89,53 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
                   persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
 
-    train_sampler = test_sampler = None
-    rank = 0
-    if distributed:
-        train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=False)
-        test_sampler = DistributedSampler(test_set, shuffle=False)
-        rank = train_sampler.rank  # different augmentation streams on different ranks
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=train_sampler is None,
-                              sampler=train_sampler, drop_last=False,
-                              generator=torch.Generator().manual_seed(seed + rank), **common)
-    test_loader = DataLoader(test_set, batch_size=test_batch_size, shuffle=False, sampler=test_sampler,
-                             generator=torch.Generator().manual_seed(seed + rank), **common)
+    rank, world = _rank_world() if distributed else (0, 1)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(
+        len(train_set), seed=seed, shuffle=True, rank=rank, world=world), drop_last=False,
+        generator=torch.Generator().manual_seed(seed + rank), **common)
+    test_loader = DataLoader(test_set, batch_size=test_batch_size, sampler=EpochSampler(
+        len(test_set), shuffle=False, rank=rank, world=world),
+        generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, test_loader, info
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices for one epoch, a pure function of ``(seed, epoch)``; shards across ranks; can start mid-epoch.
+
+    ``set_epoch(epoch, start=k)`` makes the next iteration yield the epoch's order from its k-th index on,
+    so a run stopped mid-epoch resumes on exactly the samples it had not seen (no data is loaded to skip).
+    Without shuffling, shards are contiguous and nothing is repeated (evaluation counts every sample once).
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            per = -(-self.n // self.world)
+            return list(range(self.rank * per, min(self.n, (self.rank + 1) * per)))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        per = -(-self.n // self.world)  # pad by wrapping so every rank takes the same number of steps
+        order = torch.cat([order, order[: per * self.world - self.n]])
+        return order[self.rank::self.world].tolist()
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.start)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def seed_worker(worker_id: int) -> None:

@@ -39,7 +39,7 @@ class Spec:
 
     def problem(self, path: Iterable, message: str) -> tuple:
         path = tuple(path)
-        return (*self.where(path), dotted(path), message)
+        return (*self.where(path), dotted(p for p in path if p != "<key>"), message)
 
     def __getitem__(self, key):
         return self.data[key]
@@ -84,8 +84,8 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         loader.dispose()
 
 
-def load_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict]:
-    """Parse YAML safely, returning the data and ``{key path: (file, line, col)}``."""
+def load_yaml(file: str | Path, text: str | None = None) -> list[tuple[Any, dict]]:
+    """Parse the YAML documents of a file safely: ``[(data, {key path: (file, line, col)}), ...]``."""
     file = str(file)
     if text is None:
         try:
@@ -93,19 +93,20 @@ def load_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict]:
         except OSError as e:
             raise UserError(f"cannot read spec {file}: {e.strerror or e}") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise SpecError([(file, line, col, "", f"invalid YAML: {getattr(e, 'problem', None) or e}")]) from None
-    positions: dict = {}
-    if node is None:
-        return {}, positions
-    try:
-        return _construct(node, file, (), positions), positions
-    except yaml.constructor.ConstructorError as e:
-        mark = e.problem_mark
-        raise SpecError([(file, mark.line + 1, mark.column + 1, "", f"unsupported YAML: {e.problem}")]) from None
+    docs = []
+    for node in nodes:
+        positions: dict = {}
+        try:
+            docs.append((_construct(node, file, (), positions) if node is not None else {}, positions))
+        except yaml.constructor.ConstructorError as e:
+            mark = e.problem_mark
+            raise SpecError([(file, mark.line + 1, mark.column + 1, "", f"unsupported YAML: {e.problem}")]) from None
+    return docs or [({}, {})]
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -154,27 +155,46 @@ def parse_override(text: str) -> tuple[list, Any]:
     return path, value
 
 
-def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = None, _seen: tuple = ()) -> Spec:
-    """Load a spec file with ``extends`` and ``--set`` overrides, and check it against the schema."""
-    spec = _load_raw(Path(file), text, _seen)
-    for text_override in overrides:
-        path, value = parse_override(text_override)
-        try:
-            set_path(spec.data, path, value)
-        except (IndexError, ValueError, TypeError, KeyError, AttributeError):
-            raise UserError(f"--set {text_override}: no such place in the spec "
-                            f"(lists are indexed from 0; use the next index to append)") from None
-        spec.positions[tuple(path)] = ("--set", 1, 1)
-        spec.overrides.append(text_override)
-    problems = schema_problems(spec)
+def load_all(file: str | Path, overrides: Iterable[str] = (), text: str | None = None) -> list[Spec]:
+    """Every spec in a file (YAML documents separated by ``---`` run in order), checked against the schema.
+
+    ``extends`` is resolved, then the ``--set`` overrides are applied to each document.
+    """
+    specs, problems = [], []
+    for data, positions in load_yaml(file, text):
+        spec = _resolve_extends(Path(file), data, positions, ())
+        for text_override in overrides:
+            path, value = parse_override(text_override)
+            try:
+                set_path(spec.data, path, value)
+            except (IndexError, ValueError, TypeError, KeyError, AttributeError):
+                raise UserError(f"--set {text_override}: no such place in the spec "
+                                f"(lists are indexed from 0; use the next index to append)") from None
+            spec.positions[tuple(path)] = ("--set", 1, 1)
+            spec.overrides.append(text_override)
+        problems.extend(schema_problems(spec))
+        specs.append(spec)
+    names = [s.data.get("name") for s in specs]
+    for s in specs:
+        if names.count(s.data.get("name")) > 1:
+            problems.append(s.problem(("name",), f"two specs in {file} are named {s.data.get('name')!r}"))
+            break
     if problems:
         raise SpecError(problems)
-    apply_defaults(spec.data)
-    return spec
+    for s in specs:
+        apply_defaults(s.data)
+    return specs
 
 
-def _load_raw(file: Path, text: str | None, seen: tuple) -> Spec:
-    data, positions = load_yaml(file, text)
+def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = None) -> Spec:
+    """The one spec in a file (see :func:`load_all`)."""
+    specs = load_all(file, overrides, text)
+    if len(specs) != 1:
+        raise UserError(f"{file} holds {len(specs)} specs; this command takes a file with one")
+    return specs[0]
+
+
+def _resolve_extends(file: Path, data: Any, positions: dict, seen: tuple) -> Spec:
     if not isinstance(data, dict):
         raise SpecError([(str(file), 1, 1, "", "a spec is a mapping of keys (name, data, student, ...)")])
     base_name = data.pop("extends", None)
@@ -185,7 +205,10 @@ def _load_raw(file: Path, text: str | None, seen: tuple) -> Spec:
         raise SpecError([(*positions[("extends",)], "extends", f"circular extends through {base_file}")])
     if not base_file.exists():
         raise SpecError([(*positions[("extends",)], "extends", f"base spec {base_file} does not exist")])
-    base = _load_raw(base_file, None, seen + (file.resolve(),))
+    base_docs = load_yaml(base_file)
+    if len(base_docs) != 1:
+        raise SpecError([(*positions[("extends",)], "extends", f"base spec {base_file} must hold one spec")])
+    base = _resolve_extends(base_file, *base_docs[0], seen + (file.resolve(),))
     merged = _merge(base.data, data)
     base.positions.update(positions)
     return Spec(merged, str(file), base.positions)
@@ -241,7 +264,7 @@ def apply_defaults(data: dict, sch: dict | None = None) -> None:
                 if key not in obj:
                     if "default" in sub:
                         obj[key] = copy.deepcopy(sub["default"])
-                    elif sub.get("type") == "object" and sch is None and obj is data:
+                    elif key in ("train", "log", "trace") and obj is data:
                         obj[key] = {}
                 if key in obj:
                     fill(obj[key], sub)

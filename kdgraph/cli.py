@@ -1,0 +1,194 @@
+"""The ``kdgraph`` command line. User mistakes print a message (no traceback) and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SpecError, UserError
+
+
+def _specs_arg(p: argparse.ArgumentParser, many: bool = True) -> None:
+    p.add_argument("spec", nargs="+" if many else None, help="spec file(s) (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec key (value parsed as YAML); repeatable")
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="kdgraph", description="Knowledge distillation for PyTorch, driven by specs.")
+    ap.add_argument("--version", action="version", version=f"kdgraph {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train a spec (a teacher, a student alone, or a distillation)")
+    _specs_arg(p)
+    p.add_argument("--out", help="run directory (default RUNS_DIR/NAME; one spec only)")
+    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over, deleting an existing run directory")
+
+    p = sub.add_parser("validate", help="check specs: schema, models, layer names, methods")
+    _specs_arg(p)
+
+    sub.add_parser("schema", help="print the spec JSON Schema")
+
+    p = sub.add_parser("layers", help="list a model's tappable layers with their shapes")
+    p.add_argument("model", help="registry name, torchvision:NAME or package.module:callable")
+    p.add_argument("--input-size", nargs=3, type=int, default=[3, 32, 32], metavar=("C", "H", "W"))
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--leaf", action="append", default=[], help="module path or class kept opaque (repeatable)")
+    p.add_argument("--filter", default="", help="only names containing this text")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("models", help="list the registered models with parameter counts")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("sweep", help="run the grid of a spec's `sweep:` block")
+    _specs_arg(p, many=False)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--jobs", type=int, default=None, help="cells at a time on CPU (default 1)")
+    p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1 (default: all visible)")
+    p.add_argument("--force", action="store_true", help="re-run finished cells")
+
+    p = sub.add_parser("report", help="tables and learning curves of run directories")
+    p.add_argument("runs", nargs="+", help="run or sweep directories, or globs")
+    p.add_argument("--out", help="where report.md/csv and curves.png go")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"kdgraph: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_schema(args) -> int:
+    from .spec import schema
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from . import spec as specs
+    from .spec.check import check
+
+    problems, count = [], 0
+    for file in args.spec:
+        try:
+            loaded = specs.load_all(file, args.overrides)
+        except SpecError as e:
+            problems.extend(e.problems)
+            continue
+        except UserError as e:
+            problems.append((file, 1, 1, "", str(e)))
+            continue
+        for s in loaded:
+            count += 1
+            problems.extend(check(s))
+    if problems:
+        raise SpecError(problems)
+    print(f"{count} spec(s) valid")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import spec as specs
+    from .engine import Stopped, run
+    from .spec.check import check
+
+    loaded = [s for file in args.spec for s in specs.load_all(file, args.overrides)]
+    problems = [p for s in loaded for p in check(s)]
+    if problems:
+        raise SpecError(problems)
+    if args.out and len(loaded) > 1:
+        raise UserError("--out takes one spec; use --runs-dir for several")
+    summaries = []
+    for s in loaded:
+        try:
+            summaries.append(run(s, args.out, resume=args.resume, force=args.force, runs_dir=args.runs_dir))
+        except Stopped:
+            return 130
+    if len(summaries) > 1 or any(s.get("teacher") for s in summaries):
+        print()
+        print(summary_table(summaries))
+    return 0
+
+
+def summary_table(summaries: list[dict]) -> str:
+    def pct(v):
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+    lines = ["| run | student | teacher | methods | teacher top-1 | best top-1 | final top-1 | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['name']} | {s['student']} | {s.get('teacher') or '-'} | {'+'.join(s['methods'])} | "
+                     f"{pct(s.get('teacher_top1'))} | {pct(s.get('best_top1'))} | {pct(s.get('final_top1'))} | "
+                     f"{s.get('wall_seconds', '-')} |")
+    return "\n".join(lines)
+
+
+def cmd_layers(args) -> int:
+    from .graph import layers
+    from .models import build_model
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(args.model, num_classes=args.num_classes)
+    rows = [r for r in layers(model.eval(), tuple(args.input_size), leaf_modules=args.leaf)
+            if args.filter in r["name"]]
+    if args.json:
+        print(json.dumps([{**r, "shape": list(r["shape"])} for r in rows], indent=1))
+        return 0
+    width = max(len(r["name"]) for r in rows) if rows else 4
+    opw = max(len(r["op"]) for r in rows) if rows else 2
+    print(f"{'name':<{width}}  {'op':<{opw}}  {'kind':<8}  shape")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['op']:<{opw}}  {r['kind']:<8}  {'x'.join(map(str, r['shape']))}")
+    print(f"\n{len(rows)} taps; NAME:pre is the input of NAME (pre-activation); block = a module's output")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':<20} {'family':<14} {'params':>12}  (num_classes)")
+    for r in rows:
+        print(f"{r['name']:<20} {r.get('family', ''):<14} {r['params']:>12,}  ({r.get('num_classes', '')})")
+    print("\nalso: wrn-D-K for any D = 6n+4, torchvision:NAME (any torchvision classifier), package.module:callable")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+    run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=devices, runs_dir=args.runs_dir, force=args.force)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    report(args.runs, out_dir=args.out)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "layers": cmd_layers,
+            "models": cmd_models, "sweep": cmd_sweep, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

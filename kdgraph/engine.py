@@ -1,0 +1,572 @@
+"""The training engine behind ``kdgraph run``: plain training when the spec has no teacher, else distillation.
+
+The student and the loss terms' connectors are optimised; the teacher is frozen, in eval mode, under
+``no_grad`` (a term may ask for its BatchNorm to use batch statistics, as Heo et al. do). Every epoch
+appends to ``metrics.jsonl``, rewrites ``summary.json`` and writes ``checkpoints/last.pt`` atomically; a
+SIGINT/SIGTERM writes a mid-epoch checkpoint first, so ``--resume`` continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint as ckpt
+from . import spec as specs
+from .data import build_loaders
+from .errors import UserError
+from .graph import layers, tap, trace
+from .losses import Outputs, Setup, build_terms
+from .models import build_model
+
+
+class Stopped(Exception):
+    """A run stopped by a signal after writing its checkpoint."""
+
+
+class NonFinite(Exception):
+    """A NaN or infinite loss."""
+
+
+# ------------------------------------------------------------------------------------------- utilities
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"train.device is {name!r} but torch sees no CUDA device")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_at(epoch: float, train: dict) -> float:
+    """Learning rate at fractional ``epoch`` (0-based): warm-up, then the schedule."""
+    opt, sch = train["optimizer"], train["schedule"]
+    base = opt["lr"]
+    warm = sch.get("warmup_epochs", 0)
+    if warm and epoch < warm:
+        return base * (epoch + 1e-8) / warm
+    name, whole = sch["name"], math.floor(epoch)
+    if name == "multistep":
+        return base * sch["gamma"] ** sum(whole >= m for m in sch["milestones"])
+    if name == "step":
+        return base * sch["gamma"] ** (whole // sch["step_size"])
+    if name == "cosine":
+        span = max(1e-8, train["epochs"] - warm)
+        return sch["min_lr"] + (base - sch["min_lr"]) * 0.5 * (1 + math.cos(math.pi * (epoch - warm) / span))
+    return base
+
+
+def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
+    if opt["name"] == "sgd":
+        return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"]
+                               and opt["momentum"] > 0, weight_decay=opt["weight_decay"])
+    return torch.optim.AdamW(params, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, 1).indices == target[:, None]).any(1).sum())
+
+
+class _Plain(nn.Module):
+    """A model called like a tapped one: ``(output, {})``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), {}
+
+
+def _tapped(model: nn.Module, names: list[str], leaf) -> nn.Module:
+    return tap(model, names, leaf) if names else _Plain(model)
+
+
+@torch.no_grad()
+def evaluate(forward: nn.Module, loader, device, precision: str, channels_last: bool) -> dict:
+    """Test loss (CE), top-1 and top-5 (%), summed across ranks when distributed."""
+    forward.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    for x, y in loader:
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits, _ = forward(x)
+        logits = logits.float()
+        totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), accuracy(logits, y, 1),
+                                accuracy(logits, y, 5), len(y)], dtype=torch.float64, device=device)
+    _all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return {"test_loss": loss / max(n, 1), "test_top1": 100 * top1 / max(n, 1), "test_top5": 100 * top5 / max(n, 1)}
+
+
+def _to(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "checkpoints" / "best.pt"
+
+    def summary(self) -> dict:
+        try:
+            return json.loads(self.summary_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_summary(self, summary: dict) -> None:
+        tmp = self.summary_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(self.summary_file)
+
+
+class Logger:
+    """Lines to the terminal and ``log.txt``; scalars to TensorBoard."""
+
+    def __init__(self, run: Path, tensorboard: bool, echo: Callable[[str], None], main: bool):
+        self.main, self.echo = main, echo
+        self.file = open(run / "log.txt", "a") if main else None
+        self.tb = None
+        if tensorboard and main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:
+                self.line("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+
+    def line(self, text: str) -> None:
+        if not self.main:
+            return
+        self.echo(text)
+        self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
+        self.file.flush()
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+class _Signals:
+    """Turn SIGINT/SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------------- teacher
+def _teacher_spec(spec: specs.Spec, runs_dir: Path) -> tuple[specs.Spec, Path]:
+    """The teacher's spec (``from_spec``) with the command line's data/train overrides, and its run dir."""
+    ref = spec.data["teacher"]["from_spec"]
+    file, _, doc = ref.partition("#")
+    path = Path(spec.file).parent / file if file else Path(spec.file)
+    inherited = [o for o in spec.overrides if o.split("=", 1)[0].split(".")[0] in ("data", "train")]
+    docs = specs.load_all(path, inherited)
+    chosen = [d for d in docs if not doc or d.data["name"] == doc]
+    if not chosen:
+        raise UserError(f"teacher.from_spec {ref!r}: no spec named {doc!r} in {path}")
+    teacher = chosen[0]
+    name = teacher.data["name"]
+    if inherited:  # a smoke run's teacher never overwrites the real teacher's run
+        name += "-" + hashlib.sha1("\n".join(inherited).encode()).hexdigest()[:8]
+    return teacher, runs_dir / name
+
+
+def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Logger, echo) -> nn.Module | None:
+    cfg = spec.data.get("teacher")
+    if not cfg:
+        return None
+    model = build_model(cfg["model"], num_classes=num_classes, weights=cfg.get("weights"), **cfg["kwargs"])
+    source = cfg.get("checkpoint")
+    if cfg.get("from_spec") and not (source and Path(source).exists()):
+        tspec, tdir = _teacher_spec(spec, runs_dir)
+        if tspec.data["student"]["model"] != cfg["model"]:
+            raise UserError(f"teacher.from_spec trains {tspec.data['student']['model']!r} but teacher.model is "
+                            f"{cfg['model']!r}")
+        rd = RunDir(tdir)
+        if rd.summary().get("status") != "finished":
+            log.line(f"teacher: training {tspec.data['name']} first (from_spec) into {tdir}")
+            run(tspec, tdir, resume=rd.last.exists(), echo=echo, runs_dir=runs_dir)
+        source = rd.best
+    if source:
+        ckpt.load_weights(model, source)
+        log.line(f"teacher: {cfg['model']} weights from {source}")
+    elif not cfg.get("weights"):
+        raise UserError("teacher: give `checkpoint`, `weights` or `from_spec`")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- train
+def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False, force: bool = False,
+        runs_dir: str | Path = "runs", echo: Callable[[str], None] = print) -> dict:
+    """Train ``spec`` into ``out`` (default ``runs_dir/NAME``) and return its summary."""
+    data = spec.data
+    if data.get("sweep"):
+        raise UserError(f"{spec.file} holds a sweep: run it with `kdgraph sweep {spec.file}` "
+                        f"(or `--set sweep=null` to run its base configuration)")
+    runs_dir = Path(runs_dir)
+    rd = RunDir(Path(out) if out else runs_dir / data["name"])
+    main = _rank() == 0
+    previous = rd.summary()
+    if previous and not resume and not force:
+        what = "a finished run" if previous.get("status") == "finished" else "an unfinished run"
+        raise UserError(f"{rd.path} already holds {what}; --resume continues it, --force starts over, "
+                        f"--out DIR writes elsewhere")
+    if resume and not rd.last.exists():
+        if previous.get("status") == "finished":
+            return previous
+        resume = False  # nothing to resume yet: start
+    if force and not resume and main and rd.path.exists():
+        shutil.rmtree(rd.path)
+    if main:
+        (rd.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (rd.path / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    log = Logger(rd.path, data["log"]["tensorboard"], echo, main)
+    summary = {"name": data["name"], "status": "running", "dataset": data["data"]["dataset"],
+               "student": data["student"]["model"], "teacher": (data.get("teacher") or {}).get("model"),
+               "methods": [t["method"] for t in data["loss"]], "epochs": data["train"]["epochs"],
+               "epochs_done": 0, "best_top1": None, "best_epoch": None, "final_top1": None,
+               "teacher_top1": previous.get("teacher_top1") if resume else None}
+    start = time.time()
+    try:
+        with _Signals() as signals:
+            _train(spec, rd, summary, log, signals, resume, runs_dir, echo, previous if resume else {})
+        summary["status"] = "finished"
+        return summary
+    except Stopped:
+        summary["status"] = "stopped"
+        log.line(f"stopped; resume with: kdgraph run {spec.file} --resume" + (f" --out {rd.path}" if out else ""))
+        raise
+    except NonFinite as e:
+        summary.update(status="failed", error=str(e))
+        log.line(f"error: {e}")
+        raise UserError(str(e)) from None
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        summary["wall_seconds"] = round(previous.get("wall_seconds", 0) * resume + time.time() - start, 1)
+        if main:
+            rd.write_summary(summary)
+        log.close()
+
+
+def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resume: bool, runs_dir: Path, echo,
+           previous: dict) -> None:
+    data, train = spec.data, spec.data["train"]
+    torch.manual_seed(train["seed"])
+    device = pick_device(train["device"])
+    if train["precision"] == "fp16" and device.type != "cuda":
+        raise UserError("train.precision fp16 needs CUDA; use bf16 or fp32 on this machine")
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    train_loader, test_loader, info = build_loaders(data["data"], seed=train["seed"], distributed=distributed)
+    leaf = (data.get("trace") or {}).get("leaf_modules", [])
+    summary["device"] = str(device)
+
+    teacher = prepare_teacher(spec, runs_dir, info.num_classes, log, echo)
+    student = build_model(data["student"]["model"], num_classes=info.num_classes,
+                          weights=data["student"].get("weights"), **data["student"]["kwargs"])
+    if data["student"].get("checkpoint"):
+        ckpt.load_weights(student, data["student"]["checkpoint"])
+    summary["student_params"] = param_count(student)
+    summary["teacher_params"] = param_count(teacher) if teacher is not None else None
+
+    t_rows = layers(teacher, info.input_shape, leaf) if teacher is not None else None
+    s_rows = layers(student, info.input_shape, leaf)
+    terms, problems = build_terms(data["loss"], teacher_rows=t_rows, student_rows=s_rows,
+                                  has_teacher=teacher is not None)
+    if problems:
+        from .errors import SpecError
+        raise SpecError([spec.problem(p, m) for p, m in problems])
+    terms = nn.ModuleList(terms)
+    s_names = sorted({s for t in terms for _, s in t.pairs})
+    t_names = sorted({t_ for t in terms for t_, _ in t.pairs})
+    student = student.to(device)
+    if train["channels_last"]:
+        student = student.to(memory_format=torch.channels_last)
+    s_fwd = _tapped(student, s_names, leaf)
+    t_fwd = None
+    needs_teacher = any(t.needs_teacher for t in terms)
+    if teacher is not None:
+        teacher = teacher.to(device)
+        t_fwd = _tapped(teacher, t_names, leaf)
+        if summary["teacher_top1"] is None:
+            summary["teacher_top1"] = evaluate(t_fwd, test_loader, device, train["precision"],
+                                               train["channels_last"])["test_top1"]
+        log.line(f"teacher {data['teacher']['model']}: test top-1 {summary['teacher_top1']:.2f}%")
+        bn_train = any(t.teacher_bn_train for t in terms)
+        t_fwd.eval()
+        if bn_train:  # batch statistics, as Heo et al.; momentum 0 keeps the loaded running statistics
+            for m in teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+                    m.momentum = 0.0
+
+    # Shapes of every tap from one real forward of two samples; then each term builds its connectors.
+    x0 = next(iter(test_loader))[0][:2].to(device)
+    with torch.no_grad():
+        s_fwd.eval()
+        s_shapes = {k: tuple(v.shape[1:]) for k, v in s_fwd(x0)[1].items()}
+        t_shapes = {k: tuple(v.shape[1:]) for k, v in t_fwd(x0)[1].items()} if t_fwd is not None else {}
+    t_traced = trace(teacher) if teacher is not None else None
+
+    def teacher_features(names: list[str], batches: int = 4) -> dict:
+        probe = tap(teacher, names, leaf)
+        got: dict[str, list] = {n: [] for n in names}
+        with torch.no_grad():
+            for i, (x, _) in enumerate(train_loader):
+                if i == batches:
+                    break
+                for n, v in probe(x.to(device))[1].items():
+                    got[n].append(v.float())
+        return {n: torch.cat(v) for n, v in got.items()}
+
+    ctx = Setup(student=student, teacher=teacher, student_shapes=s_shapes, teacher_shapes=t_shapes,
+                teacher_node=t_traced.resolve if t_traced else None, teacher_features=teacher_features,
+                log=log.line)
+    for term in terms:
+        term.setup(ctx)
+    terms = terms.to(device)
+    params = [p for p in list(student.parameters()) + list(terms.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(params, train["optimizer"])
+    scaler = torch.amp.GradScaler(device.type, enabled=train["precision"] == "fp16")
+    model_for_step = s_fwd
+    if distributed:
+        model_for_step = nn.parallel.DistributedDataParallel(s_fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if train["compile"]:
+        model_for_step = torch.compile(model_for_step)
+        if t_fwd is not None:
+            t_fwd = torch.compile(t_fwd)
+
+    names = _term_names(data["loss"])
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
+    if resume:
+        saved = ckpt.load(rd.last, map_location=device)
+        student.load_state_dict(saved["model"])
+        terms.load_state_dict(saved["terms"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        ckpt.set_rng_state(saved["rng"])
+        summary.update({k: previous.get(k) for k in ("best_top1", "best_epoch", "final_top1") if k in previous})
+        summary["epochs_done"] = state["epoch"]
+        log.line(f"resuming {rd.path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    log.line(f"{data['name']}: student {data['student']['model']} ({summary['student_params'] / 1e6:.2f}M params)"
+             + (f", teacher {data['teacher']['model']}" if teacher is not None else "")
+             + f", loss {' + '.join(f'{t.weight:g}*{n}' for n, t in zip(names, terms))}, {device}, "
+             f"{train['precision']}")
+    for term, n in zip(terms, names):
+        if term.pairs:
+            log.line(f"  {n} positions (teacher -> student): " + ", ".join(f"{a} -> {b}" for a, b in term.pairs))
+
+    epochs, max_steps = train["epochs"], train["max_steps_per_epoch"]
+    metrics_file = rd.path / "metrics.jsonl"
+    for epoch in range(state["epoch"], epochs):
+        t0 = time.time()
+        steps_in_epoch = len(train_loader) if max_steps is None else min(max_steps, len(train_loader))
+        train_loader.sampler.set_epoch(epoch, state["step"] * train_loader.batch_size)
+        train_loader.generator.manual_seed(train["seed"] * 100003 + epoch)  # worker seeds: per epoch
+        s_fwd.train()
+        sums = state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, **{n: 0.0 for n in names}}
+        bar = _progress(steps_in_epoch, state["step"], f"epoch {epoch + 1}/{epochs}")
+        step = state["step"]
+        for x, y in train_loader:
+            if step >= steps_in_epoch:
+                break
+            if signals.stop:
+                state.update(epoch=epoch, step=step, sums=sums)
+                _save(rd.last, student, terms, optimizer, scaler, state, spec)
+                bar.close()
+                raise Stopped()
+            progress = epoch + step / steps_in_epoch
+            lr = lr_at(progress, train)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = _to(x, device, train["channels_last"]), y.to(device, non_blocking=True)
+            with autocast(device, train["precision"]):
+                t_logits, t_feats = (None, {})
+                if t_fwd is not None and needs_teacher:
+                    with torch.no_grad():
+                        t_logits, t_feats = t_fwd(x)
+                logits, feats = model_for_step(x)
+                out = Outputs(logits=logits, target=y, feats=feats, teacher_logits=t_logits,
+                              teacher_feats=t_feats, epoch=progress)
+                values = [term(out) for term in terms]
+                loss = sum(term.factor(progress) * v for term, v in zip(terms, values))
+            if not torch.isfinite(loss):
+                raise NonFinite(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                f"({', '.join(f'{n}={v.item():.4g}' for n, v in zip(names, values))}); "
+                                f"the last good checkpoint is {rd.last}. Lower train.optimizer.lr or a term's weight")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if train["grad_clip"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, train["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            n = len(y)
+            sums["loss"] += loss.item() * n
+            sums["correct"] += accuracy(logits.detach().float(), y, 1)
+            sums["seen"] += n
+            for name, v in zip(names, values):
+                sums[name] += v.item() * n
+            step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {lr:.4g}", refresh=False)
+            if not bar.interactive and step % spec.data["log"]["every"] == 0:
+                log.line(f"epoch {epoch + 1} step {step}/{steps_in_epoch} loss {sums['loss'] / sums['seen']:.4f}")
+        bar.close()
+        totals = torch.tensor([sums["loss"], sums["correct"], sums["seen"]] + [sums[n] for n in names],
+                              dtype=torch.float64, device=device)
+        _all_reduce(totals)
+        seen = max(totals[2].item(), 1)
+        row = {"epoch": epoch + 1, "lr": lr_at(epoch, train), "loss": totals[0].item() / seen,
+               **{f"loss/{n}": totals[3 + i].item() / seen for i, n in enumerate(names)},
+               "train_top1": 100 * totals[1].item() / seen}
+        row.update(evaluate(s_fwd, test_loader, device, train["precision"], train["channels_last"]))
+        if info.num_classes <= 10:
+            row.pop("test_top5")
+        row["seconds"] = round(time.time() - t0, 2)
+        improved = row["test_top1"] > state["best"]
+        if improved:
+            state.update(best=row["test_top1"], best_epoch=epoch + 1)
+        state.update(epoch=epoch + 1, step=0, sums=None)
+        if _rank() == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+            _save(rd.last, student, terms, optimizer, scaler, state, spec)
+            if improved:
+                _save(rd.best, student, terms, None, None, state, spec)
+            summary.update(epochs_done=epoch + 1, best_top1=state["best"], best_epoch=state["best_epoch"],
+                           final_top1=row["test_top1"])
+            rd.write_summary(summary)
+        log.line(f"epoch {epoch + 1}/{epochs} loss {row['loss']:.4f} train {row['train_top1']:.2f}% "
+                 f"test {row['test_top1']:.2f}% (best {state['best']:.2f}%) {row['seconds']:.1f}s")
+
+
+def _term_names(loss: list[dict]) -> list[str]:
+    names, seen = [], {}
+    for t in loss:
+        base = t["method"].rsplit(":", 1)[-1].lower()
+        names.append(base if base not in seen else f"{base}_{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return names
+
+
+def _save(path: Path, student, terms, optimizer, scaler, state, spec) -> None:
+    if _rank() != 0:
+        return
+    obj = {"model": student.state_dict(), "terms": terms.state_dict(), "state": state, "rng": ckpt.rng_state(),
+           "spec": spec.data, "format": "kdgraph-1"}
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+        obj["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
+    ckpt.save_atomic(obj, path)
+
+
+class _progress:
+    """A tqdm bar on a terminal; a silent counter otherwise (plain log lines are printed instead)."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.interactive = sys.stderr.isatty()
+        self.bar = None
+        if self.interactive:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar:
+            self.bar.update(n)
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(s, refresh=refresh)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
