@@ -1,0 +1,275 @@
+"""Reports over run directories: a table of runs, the original project's results layout, learning curves.
+
+:func:`report` takes run directories or globs (a sweep directory stands for its cells) and writes
+``report.md``, ``report.csv`` and ``curves.png``. When the runs include distillation runs, it adds a
+pivot laid out like the original project's results tables: one row per teacher/student pair with the
+teacher's accuracy and the student trained alone (a ``ce``-only run without teacher), one column per
+distillation method, each cell the best test top-1.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import UserError
+
+# the original project's column order first; other methods follow in order of appearance
+METHOD_ORDER = ["kd", "dkd", "fitnet", "at", "sp", "nst", "pkt", "rkd", "margin_relu"]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing or unreadable (e.g. being rewritten)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of ``metrics.jsonl`` (a partly written last line is ignored)."""
+    records = []
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    return records
+
+
+def best_top1(run_dir: str | Path, summary: dict) -> float | None:
+    """The run's best test top-1: from ``summary.json``, else the best epoch in ``metrics.jsonl``."""
+    best = summary.get("best_top1")
+    if isinstance(best, (int, float)):
+        return float(best)
+    return max((m["test_top1"] for m in read_metrics(run_dir) if isinstance(m.get("test_top1"), (int, float))),
+               default=None)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table with padded columns (readable as plain text too)."""
+    cells = [[str(h) for h in header]] + [["" if v is None else str(v).replace("|", "\\|") for v in row]
+                                          for row in rows]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return ""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------- selection
+def select_runs(paths: Iterable[str]) -> tuple[list[Path], list[Path], list[str]]:
+    """``(run dirs, sweep dirs, notes)`` for paths or globs; a sweep dir contributes its cells."""
+    from .sweep import SWEEP_FILE
+
+    runs: dict[Path, None] = {}
+    sweeps: dict[Path, None] = {}
+    notes = []
+    for pattern in paths:
+        matches = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [str(pattern)]
+        if not matches or not Path(matches[0]).exists():
+            notes.append(f"{pattern}: no such file or directory")
+            continue
+        for match in matches:
+            path = Path(match)
+            if path.name == "summary.json" and path.is_file():  # e.g. runs/*/summary.json
+                path = path.parent
+            if (path / "summary.json").is_file():
+                runs[path] = None
+            elif (path / SWEEP_FILE).is_file():
+                sweeps[path] = None
+                cells = (read_json(path / SWEEP_FILE) or {}).get("cells", {})
+                for name in cells:
+                    if (path / name / "summary.json").is_file():
+                        runs[path / name] = None
+            elif path.is_dir():
+                notes.append(f"{path}: skipped, no summary.json (not a run directory; "
+                             f"select the runs inside with {path}/*)")
+    return list(runs), list(sweeps), notes
+
+
+def _common_parent(dirs: Sequence[Path]) -> Path:
+    try:
+        parent = Path(os.path.commonpath([str(d.resolve().parent) for d in dirs]))
+    except ValueError:  # different drives
+        return Path.cwd()
+    return parent if parent != Path(parent.anchor) else Path.cwd()
+
+
+# --------------------------------------------------------------------------------------------- rows
+RUN_COLUMNS = ["name", "teacher", "student", "methods", "teacher top-1", "best top-1", "final top-1",
+               "epochs", "wall time", "status"]
+CSV_COLUMNS = ["name", "teacher", "student", "methods", "teacher_top1", "best_top1", "final_top1",
+               "epochs_done", "epochs", "wall_seconds", "status", "dataset", "path"]
+
+
+def run_record(run_dir: Path, name: str) -> dict:
+    """The report's facts about one run, from its ``summary.json``."""
+    s = read_json(run_dir / "summary.json") or {}
+    return {"name": name, "path": str(run_dir), "teacher": s.get("teacher"), "student": s.get("student"),
+            "methods": list(s.get("methods") or []), "teacher_top1": s.get("teacher_top1"),
+            "best_top1": best_top1(run_dir, s), "final_top1": s.get("final_top1"),
+            "epochs_done": s.get("epochs_done"), "epochs": s.get("epochs"),
+            "wall_seconds": s.get("wall_seconds"), "status": s.get("status") or "unknown",
+            "dataset": s.get("dataset")}
+
+
+def _run_row(r: dict) -> list[str]:
+    epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '?'}/{r['epochs'] or '?'}"
+    return [r["name"], r["teacher"] or "", r["student"] or "", "+".join(r["methods"]),
+            _pct(r["teacher_top1"]), _pct(r["best_top1"]), _pct(r["final_top1"]), epochs,
+            _duration(r["wall_seconds"]), r["status"]]
+
+
+def method_label(methods: Sequence[str]) -> str:
+    """The distillation part of a run's loss: its methods other than ``ce``, joined by ``+``."""
+    return "+".join(m for m in methods if m != "ce")
+
+
+def pivot_tables(records: Sequence[dict]) -> list[dict]:
+    """Per dataset, the original project's layout: ``{"dataset", "header", "rows"}``; [] without KD runs.
+
+    A cell is the best top-1 over the runs of that pair and method (``(best of N)`` when several,
+    ``*`` when that run is unfinished).
+    """
+    distilled = [r for r in records if r["teacher"] and method_label(r["methods"]) and r["best_top1"] is not None]
+    tables = []
+    for dataset in dict.fromkeys(r["dataset"] for r in distilled):
+        runs = [r for r in distilled if r["dataset"] == dataset]
+        labels = sorted(dict.fromkeys(method_label(r["methods"]) for r in runs),  # stable: others keep their order
+                        key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+        rows = []
+        for teacher, student in dict.fromkeys((r["teacher"], r["student"]) for r in runs):
+            pair = [r for r in runs if (r["teacher"], r["student"]) == (teacher, student)]
+            teacher_acc = max((r["teacher_top1"] for r in pair if r["teacher_top1"] is not None), default=None)
+            alone = [r for r in records if not r["teacher"] and set(r["methods"]) == {"ce"}
+                     and r["student"] == student and r["dataset"] == dataset and r["best_top1"] is not None]
+            row = [teacher, student, _pct(teacher_acc), _best_text(alone)]
+            row += [_best_text([r for r in pair if method_label(r["methods"]) == m]) for m in labels]
+            rows.append(row)
+        tables.append({"dataset": dataset, "header": ["Teacher", "Student", "Teacher acc", "Student acc", *labels],
+                       "rows": rows})
+    return tables
+
+
+def _best_text(runs: Sequence[dict]) -> str:
+    if not runs:
+        return ""
+    best = max(runs, key=lambda r: r["best_top1"])
+    text = _pct(best["best_top1"]) + ("*" if best["status"] != "finished" else "")
+    return text + (f" (best of {len(runs)})" if len(runs) > 1 else "")
+
+
+# ------------------------------------------------------------------------------------------- curves
+def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: Path) -> bool:
+    """Test top-1 and train loss against epoch, one line per run; False when there is nothing to plot."""
+    runs = [(name, m) for name, m in runs if m]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, metrics in runs:
+        epochs = [m["epoch"] for m in metrics]
+        marker = "o" if len(epochs) < 3 else None
+        acc_ax.plot(epochs, [m.get("test_top1") for m in metrics], marker=marker, label=name)
+        loss_ax.plot(epochs, [m.get("loss") for m in metrics], marker=marker, label=name)
+    acc_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Test accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = acc_ax.get_legend_handles_labels()
+    ncol = min(len(labels), 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize="small", frameon=False)
+    rows = -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, min(0.01 + 0.055 * rows, 0.5), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- report
+def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[str], Any] = print) -> dict:
+    """Write ``report.md``, ``report.csv`` and ``curves.png`` for the runs in ``paths``; print the tables.
+
+    Returns ``{"out_dir", "runs" (one record per run), "pivots", "grids" (refreshed sweep dirs), "files",
+    "notes"}``. ``out_dir`` defaults to the common parent of the runs (or the current directory).
+    """
+    from .sweep import write_grid
+
+    run_dirs, sweep_dirs, notes = select_runs(paths)
+    for note in notes:
+        echo(f"note: {note}")
+    if not run_dirs:
+        raise UserError(f"no runs to report in {' '.join(map(str, paths)) or '(nothing given)'}: "
+                        f"give run directories (with a summary.json), sweep directories or globs such as runs/*")
+    parent = _common_parent(run_dirs)
+    out = Path(out_dir) if out_dir is not None else parent
+    out.mkdir(parents=True, exist_ok=True)
+    base = out.resolve()
+
+    records = [run_record(d, os.path.relpath(d.resolve(), parent)) for d in run_dirs]
+    pivots = pivot_tables(records)
+
+    runs_table = markdown_table(RUN_COLUMNS, [_run_row(r) for r in records])
+    sections = [f"# kdgraph report\n\n{len(records)} run(s); accuracies are test top-1 (%).\n\n{runs_table}\n"]
+    echo(runs_table)
+    for p in pivots:
+        table = markdown_table(p["header"], p["rows"])
+        sections.append(f"## Results on {p['dataset']}\n\nStudent acc: the student trained alone (ce only, no "
+                        f"teacher); other columns: best top-1 with each distillation method.\n\n{table}\n")
+        echo(f"\nResults on {p['dataset']}:\n{table}")
+    for sweep_dir in sweep_dirs:
+        table = write_grid(sweep_dir, echo=None)
+        rel = os.path.relpath(sweep_dir.resolve(), base)
+        sections.append(f"## Grid {rel}\n\n{table}\n\n![heatmap]({Path(rel) / 'heatmap.png'})\n")
+        echo(f"\nGrid {sweep_dir}:\n{table}")
+
+    if any("*" in section for section in sections[1:]):
+        notes.append("\\* an unfinished run: its best top-1 so far")
+    files = {"report_md": out / "report.md", "report_csv": out / "report.csv", "curves": out / "curves.png"}
+    if plot_curves([(r["name"], read_metrics(Path(r["path"]))) for r in records], files["curves"]):
+        sections.append("## Learning curves\n\n![curves](curves.png)\n")
+    else:
+        files["curves"] = None
+        notes.append("no metrics.jsonl records: curves.png not written")
+    if notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    files["report_md"].write_text("\n".join(sections))
+    write_csv(files["report_csv"], CSV_COLUMNS,
+              [[r[c] if c != "methods" else "+".join(r[c]) for c in CSV_COLUMNS] for r in records])
+    echo(f"\nwrote {files['report_md']}, {files['report_csv']}" + (f", {files['curves']}" if files["curves"] else ""))
+    return {"out_dir": out, "runs": records, "pivots": pivots, "grids": sweep_dirs, "files": files, "notes": notes}
