@@ -447,6 +447,7 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
     metrics_file = rd.path / "metrics.jsonl"
     for epoch in range(state["epoch"], epochs):
         t0 = time.time()
+        train_loader.sampler.set_epoch(epoch)  # the full epoch's length, not a resumed epoch's remainder
         steps_in_epoch = len(train_loader) if max_steps is None else min(max_steps, len(train_loader))
         train_loader.sampler.set_epoch(epoch, state["step"] * train_loader.batch_size)
         train_loader.generator.manual_seed(train["seed"] * 100003 + epoch)  # worker seeds: per epoch
@@ -457,11 +458,6 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
         for x, y in train_loader:
             if step >= steps_in_epoch:
                 break
-            if signals.stop:
-                state.update(epoch=epoch, step=step, sums=sums)
-                _save(rd.last, student, terms, optimizer, scaler, state, spec)
-                bar.close()
-                raise Stopped()
             progress = epoch + step / steps_in_epoch
             lr = lr_at(progress, train)
             for g in optimizer.param_groups:
@@ -480,7 +476,8 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             if not torch.isfinite(loss):
                 raise NonFinite(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                                 f"({', '.join(f'{n}={v.item():.4g}' for n, v in zip(names, values))}); "
-                                f"the last good checkpoint is {rd.last}. Lower train.optimizer.lr or a term's weight")
+                                + (f"the last good checkpoint is {rd.last}" if rd.last.exists() else
+                                   "no checkpoint was written yet") + ". Lower train.optimizer.lr or a term's weight")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if train["grad_clip"]:
@@ -499,6 +496,11 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {lr:.4g}", refresh=False)
             if not bar.interactive and step % spec.data["log"]["every"] == 0:
                 log.line(f"epoch {epoch + 1} step {step}/{steps_in_epoch} loss {sums['loss'] / sums['seen']:.4f}")
+            if signals.stop:  # after a step, before the next batch is drawn (and augmented with the RNG)
+                state.update(epoch=epoch, step=step, sums=sums)
+                _save(rd.last, student, terms, optimizer, scaler, state, spec)
+                bar.close()
+                raise Stopped()
         bar.close()
         totals = torch.tensor([sums["loss"], sums["correct"], sums["seen"]] + [sums[n] for n in names],
                               dtype=torch.float64, device=device)

@@ -195,57 +195,59 @@ def _resolve(sch: dict, root: dict) -> dict:
     return sch
 
 
-def _term_keys(term: Any) -> list[str]:
-    """The keys a loss term may have: the common ones and its method's parameters."""
+def _method_params(term: Any) -> list[str]:
+    """The parameters of a loss term's method (besides the schema's method, weight, positions...)."""
     from .losses import LOSSES, term_params
 
-    keys = ["method", "weight", "positions", "warmup_epochs"]
     try:
-        keys += [k for k in term_params(LOSSES.get(term["method"])) if k not in keys]
-    except (UserError, KeyError, TypeError, ImportError, AttributeError):
-        pass
-    return keys
-
-
-def _children(node: Any, sch: dict, prefix: tuple) -> list[tuple[Any, Any, dict]]:
-    """``(key, child node or _MISSING, child schema)`` for the places below a spec node."""
-    root = schema()
-    sch = _resolve(sch, root)
-    if isinstance(node, list):
-        return [(i, item, sch.get("items", {})) for i, item in enumerate(node)]
-    props = sch.get("properties", {})
-    keys = list(node) if isinstance(node, dict) else []
-    keys += [k for k in props if k not in keys]
-    if len(prefix) == 2 and prefix[0] == "loss" and isinstance(node, dict):
-        keys += [k for k in _term_keys(node) if k not in keys]
-    if not isinstance(node, dict) and not (node is _MISSING and props):
+        return list(term_params(LOSSES.get(term["method"])))
+    except (UserError, KeyError, TypeError):
         return []
-    return [(k, node.get(k, _MISSING) if isinstance(node, dict) else _MISSING, props.get(k, {})) for k in keys]
 
 
-def spec_paths(data: dict) -> list[str]:
-    """Every key path a ``--set`` may change in ``data``: its own keys, the schema's, loss parameters."""
+def spec_paths(data: dict) -> tuple[list[str], set[str]]:
+    """``(paths, open)``: every key path a ``--set`` may change in ``data`` (its own keys, the schema's,
+    loss parameters), and those that are free-form mappings (``data.options``, ``student.kwargs``...)
+    where any key goes."""
+    root = schema()
     out: list[str] = []
+    free: set[str] = set()
 
-    def walk(node, sch, prefix):
-        for key, child, child_sch in _children(node, sch, prefix):
+    def walk(node: Any, sch: dict, prefix: tuple) -> None:
+        sch = _resolve(sch, root)
+        if isinstance(node, list):
+            children = [(i, item, sch.get("items", {})) for i, item in enumerate(node)]
+        elif isinstance(node, dict) or (node is _MISSING and "properties" in sch):
+            props = sch.get("properties", {})
+            if sch.get("type") == "object" and not props:
+                free.add(dotted(prefix))
+            keys = list(node) if isinstance(node, dict) else []
+            if prefix[:1] == ("loss",) and len(prefix) == 2:
+                keys += _method_params(node)
+            keys += list(props)
+            children = [(k, node.get(k, _MISSING) if isinstance(node, dict) else _MISSING, props.get(k, {}))
+                        for k in dict.fromkeys(keys)]
+        else:
+            if node is _MISSING and sch.get("type") == "object":
+                free.add(dotted(prefix))
+            return
+        for key, child, child_sch in children:
             path = prefix + (key,)
-            if path[0] in ("sweep", "extends"):
-                continue
-            out.append(dotted(path))
-            walk(child, child_sch, path)
+            if path[0] not in ("sweep", "extends"):
+                out.append(dotted(path))
+                walk(child, child_sch, path)
 
-    walk(data, schema(), ())
-    return out
+    walk(data, root, ())
+    return out, free
 
 
 def check_paths(spec: Spec, axes: Iterable[Axis]) -> None:
     """Raise a :class:`SpecError` naming each swept path the spec does not have, with suggestions."""
-    known = set(spec_paths(spec.data))
+    known, free = spec_paths(spec.data)
     problems = []
     for axis in axes:
         for path in axis.paths:
-            if dotted(path) not in known:
+            if dotted(path) not in known and not any(dotted(path[:i]) in free for i in range(1, len(path))):
                 hint = did_you_mean(dotted(path), known) or " (lists are indexed from 0, e.g. loss.1.weight)"
                 problems.append((*spec.where(("sweep", axis.key, "<key>")), f"sweep.{axis.key}",
                                  f"no key path {dotted(path)!r} in the spec{hint}"))
@@ -325,12 +327,19 @@ def _slots(spec_device: str, jobs: int | None, devices: str | Sequence | None) -
     return [{"OMP_NUM_THREADS": threads} if n > 1 else {} for _ in range(n)]
 
 
-def _last_line(path: Path) -> str:
+_ERROR_LINE = re.compile(r"^(kdgraph: error:|[\w.]*(Error|Exception|Interrupt)\b|\S+:\d+:\d+: )")
+
+
+def failure_reason(log: Path) -> str:
+    """The error message of the last attempt in a cell's ``sweep.log`` (else its last line)."""
     try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1][:200] if lines else ""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("=== ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    return (errors or lines or [""])[-1][:300]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -406,8 +415,11 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
 
     ``overrides`` (``--set`` texts) apply to every cell. With CUDA, cells run one per GPU at a time
     (``devices`` such as ``"0,1"``, default all visible); on CPU they run one at a time, or ``jobs`` at a
-    time. Finished cells are skipped unless ``force``; an interrupted cell with a checkpoint is resumed.
-    A failing cell is recorded (its output is in its ``sweep.log``) and the others go on.
+    time (the first cell alone when it must train a ``from_spec`` teacher the others share). Finished cells
+    are skipped; an unfinished one continues with ``--resume`` (from its checkpoint when it has one);
+    ``force`` deletes each cell's directory and runs it again. A failing cell is recorded (its output is in
+    its ``sweep.log``) and the others go on. Ctrl-C (or SIGTERM) stops the running cells after their
+    checkpoint, writes the grid and re-raises ``KeyboardInterrupt``.
     """
     from .spec.check import check
 
@@ -484,7 +496,7 @@ def _run_cells(spec: Spec, spec_file, overrides, todo: list[Cell], sweep_dir: Pa
             result = "stopped (the next sweep resumes it)"
         else:
             failed.append(cell.name)
-            result = f"FAILED (exit {code}): {_last_line(log)} [log: {log}]"
+            result = f"FAILED (exit {code}): {failure_reason(log)} [log: {log}]"
         say(f"[{done}/{len(todo)}] {cell.name}: {result} ({seconds:.0f}s)")
         if bar:
             bar.update(1)

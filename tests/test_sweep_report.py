@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -116,6 +117,8 @@ def test_bad_sweep_key_names_the_path_and_suggests(tmp_path):
     assert "grid.yaml:14:3: sweep.loss.0.wieght: no key path 'loss.0.wieght'" in message
     assert "did you mean 'loss.0.weight'" in message and "train.optimizer.lr" not in message
     assert not (tmp_path / "runs").exists()
+    spec = load(spec_file, ["sweep={data.options.size: [8], train.schedule.gamma: [0.1]}"])
+    sweep.check_paths(spec, sweep.parse_sweep(spec["sweep"]))  # free-form mappings and schema defaults
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -223,7 +226,8 @@ while args:
     elif a == "--runs-dir": args.pop(0)
     elif a == "--resume": resume = True
 with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
-    f.write(json.dumps({"cell": out.name, "resume": resume, "sets": sets}) + "\n")
+    f.write(json.dumps({"cell": out.name, "resume": resume, "sets": sets,
+                        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
 print("fake engine", out.name)
 if out.name == os.environ.get("FAKE_FAIL"):
     print("RuntimeError: boom", file=sys.stderr); sys.exit(1)
@@ -283,6 +287,51 @@ def test_runner_skips_resumes_forces_and_records_failures(tmp_path, monkeypatch)
     forced = ran()
     assert len(forced) == 4 and not any(c["resume"] for c in forced.values())
     assert (sweep_dir / "lr=0.1,seed=0" / "sweep.log").read_text().count("===") == 1  # fresh directory
+
+
+def test_cells_get_one_gpu_each(tmp_path, monkeypatch):
+    import torch
+
+    engine = tmp_path / "fake_engine.py"
+    engine.write_text(FAKE_ENGINE)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setattr(sweep, "engine_command", lambda: [sys.executable, str(engine)])
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(calls))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,7")
+    assert sweep._slots("auto", None, None) == [{"CUDA_VISIBLE_DEVICES": d} for d in ("4", "5", "7")]
+    assert sweep._slots("cpu", 2, None) == [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}] * 2
+    assert sweep._slots("auto", 2, "cpu") == sweep._slots("cpu", 2, None)
+    with pytest.raises(UserError, match="no CUDA device '3'"):
+        sweep._slots("auto", None, "0,3")
+
+    spec_file = write_spec(tmp_path, """\
+        train.optimizer.lr: [0.1, 0.2]
+        train.seed: [0, 1]
+        """)
+    sweep.run_sweep(spec_file, devices="0,2", runs_dir=tmp_path / "runs", echo=lambda s: None)
+    gpus = [json.loads(line)["gpu"] for line in calls.read_text().splitlines()]
+    assert len(gpus) == 4 and set(gpus) == {"4", "7"}
+
+
+def test_a_teacher_to_train_is_trained_by_the_first_cell_alone(tmp_path, monkeypatch):
+    pytest.importorskip("kdgraph.engine", reason="the training engine (kdgraph/engine.py) is not there yet")
+    engine = tmp_path / "fake_engine.py"
+    engine.write_text(FAKE_ENGINE.replace('float(v["train.optimizer.lr"])', '0.1').replace('int(v["train.seed"])', '0'))
+    monkeypatch.setattr(sweep, "engine_command", lambda: [sys.executable, str(engine)])
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(tmp_path / "calls.jsonl"))
+    (tmp_path / "teacher.yaml").write_text(TINY.replace("tiny_grid", "tiny_teacher"))
+    student = TINY.replace("loss: [{method: ce}]", "teacher: {model: wrn-10-1, from_spec: teacher.yaml}\n"
+                                                   "loss: [{method: ce}, {method: kd}]")
+    spec_file = write_spec(tmp_path, "loss.1.temperature: [2, 4, 8]\n", text=student)
+    printed = []
+    sweep.run_sweep(spec_file, jobs=2, runs_dir=tmp_path / "runs", echo=printed.append)
+    assert "the first cell runs alone" in "\n".join(printed)
+    assert [line.split(":")[0] for line in printed if line.startswith("start")][0] == "start temperature=2"
+
+    fake_run(tmp_path / "runs" / "tiny_teacher", best=90.0)  # the teacher's run has finished
+    assert not sweep._teacher_pending(load(spec_file), tmp_path / "runs")
 
 
 # -------------------------------------------------------------------------------------- end to end

@@ -264,7 +264,7 @@ def apply_defaults(data: dict, sch: dict | None = None) -> None:
                 if key not in obj:
                     if "default" in sub:
                         obj[key] = copy.deepcopy(sub["default"])
-                    elif key in ("train", "log", "trace") and obj is data:
+                    elif "properties" in sub and not sub.get("required") and key != "sweep":
                         obj[key] = {}
                 if key in obj:
                     fill(obj[key], sub)
