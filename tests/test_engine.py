@@ -1,0 +1,364 @@
+"""The training engine behind ``kdgraph run``: the run-dir contract, overwrite protection, kill/resume
+exactness, NaN guard, teachers (checkpoint, state_dict, from_spec) and repeatability.
+
+Everything trains tiny models on the offline ``digits`` data set on CPU, with one intra-op thread (several
+threads on a loaded 2-core machine make small convolutions a hundred times slower).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdgraph.cli import main
+from kdgraph.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+ROW_KEYS = {"epoch", "lr", "loss", "loss/ce", "train_top1", "test_loss", "test_top1", "seconds"}
+SUMMARY_KEYS = {"name", "status", "epochs", "epochs_done", "best_top1", "best_epoch", "final_top1", "teacher_top1",
+                "teacher", "student", "methods", "student_params", "teacher_params", "wall_seconds", "device",
+                "dataset"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def spec(name: str, **over) -> dict:
+    """A small digits spec (wrn-10-1 student, 2 epochs of 4 steps) with ``over`` deep-merged into it."""
+    base = {"name": name,
+            "data": {"dataset": "digits", "workers": 0, "batch_size": 32},
+            "student": {"model": "wrn-10-1"},
+            "train": {"epochs": 2, "max_steps_per_epoch": 4, "device": "cpu",
+                      "optimizer": {"lr": 0.05}, "schedule": {"name": "cosine"}},
+            "log": {"tensorboard": False}}
+    return _merge(base, over)
+
+
+def write(path: Path, *docs: dict) -> Path:
+    path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+    return path
+
+
+def kd(cli_args: list[str], capsys) -> tuple[int, str, str]:
+    """``kdgraph ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in cli_args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def weights(file: Path) -> dict:
+    return torch.load(file, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def popen(args: list, cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kdgraph", *map(str, args)], cwd=cwd, env=ENV,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------------------------------ contract
+def test_plain_run_writes_the_contract_run_dir(tmp_path, capsys):
+    file = write(tmp_path / "plain.yaml", spec("plain", log={"tensorboard": True}))
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path / "runs"], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "plain"
+
+    saved = yaml.safe_load((run / "spec.yaml").read_text())
+    assert saved["name"] == "plain" and saved["train"]["epochs"] == 2
+    assert saved["train"]["optimizer"]["momentum"] == 0.9  # resolved: defaults filled in
+    assert [t["method"] for t in saved["loss"]] == ["ce"]
+
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) == ROW_KEYS  # no test_top5 for 10 classes
+        assert 0 <= r["train_top1"] <= 100 and 0 <= r["test_top1"] <= 100
+        assert r["loss"] == pytest.approx(r["loss/ce"])
+        assert r["seconds"] >= 0
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["status"] == "finished"
+    assert summary["name"] == "plain" and summary["dataset"] == "digits"
+    assert summary["epochs"] == summary["epochs_done"] == 2
+    assert summary["best_top1"] == max(r["test_top1"] for r in rows)
+    assert summary["final_top1"] == rows[-1]["test_top1"]
+    assert rows[summary["best_epoch"] - 1]["test_top1"] == summary["best_top1"]
+    assert summary["student"] == "wrn-10-1" and summary["teacher"] is None and summary["teacher_top1"] is None
+    assert summary["methods"] == ["ce"]
+    assert summary["student_params"] == sum(p.numel() for p in build_model("wrn-10-1", 10).parameters())
+    assert summary["teacher_params"] is None
+    assert summary["device"] == "cpu"
+    assert isinstance(summary["wall_seconds"], (int, float)) and summary["wall_seconds"] > 0
+
+    for name in ("last.pt", "best.pt"):
+        obj = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+        model = build_model("wrn-10-1", num_classes=10)
+        model.load_state_dict(obj["model"])
+    assert list((run / "checkpoints").glob("*.tmp")) == []
+    log = (run / "log.txt").read_text()
+    assert "epoch 2/2" in log
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events under tb/"
+
+
+def test_no_tensorboard_dir_when_disabled(tmp_path, capsys):
+    file = write(tmp_path / "s.yaml", spec("notb", train={"epochs": 1, "max_steps_per_epoch": 2}))
+    code, _, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 0, err
+    assert not list((tmp_path / "notb").glob("tb/events*"))
+
+
+def test_finished_run_is_not_overwritten_without_force(tmp_path, capsys):
+    file = write(tmp_path / "s.yaml", spec("once", train={"epochs": 1, "max_steps_per_epoch": 2}))
+    out_dir = tmp_path / "out"
+    assert kd(["run", file, "--out", out_dir], capsys)[0] == 0
+    before = (out_dir / "metrics.jsonl").read_text()
+    code, out, err = kd(["run", file, "--out", out_dir], capsys)
+    assert code == 2
+    assert "--force" in err and "Traceback" not in err + out
+    assert (out_dir / "metrics.jsonl").read_text() == before
+    code, _, err = kd(["run", file, "--out", out_dir, "--force"], capsys)
+    assert code == 0, err
+    assert len(metrics(out_dir)) == 1  # started over, not appended
+    assert json.loads((out_dir / "summary.json").read_text())["status"] == "finished"
+
+
+# --------------------------------------------------------------------------------------- kill/resume
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    # 3 epochs of 90 steps (batch 16): ~0.5 s an epoch on one thread, so the kill lands in epoch 2 or 3
+    s = spec("kill", data={"batch_size": 16}, train={"epochs": 3, "max_steps_per_epoch": None})
+    file = write(tmp_path / "kill.yaml", s)
+    ref = tmp_path / "ref"
+    assert kd(["run", file, "--out", ref], capsys)[0] == 0
+
+    run = tmp_path / "killed"
+    proc = popen(["run", file, "--out", run], tmp_path, tmp_path / "killed.log")
+    # summary.json is rewritten last at an epoch's end (after metrics.jsonl and last.pt)
+    wait_for(lambda: json.loads((run / "summary.json").read_text() if (run / "summary.json").exists() else "{}")
+             .get("epochs_done", 0) >= 1, proc, "the first epoch's end")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    done = len(metrics(run))
+    assert done < 3, "the run finished before it was killed; the test needs longer epochs"
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+
+    code, _, err = kd(["run", file, "--out", run, "--resume"], capsys)
+    assert code == 0, err
+    assert without_seconds(metrics(run)) == without_seconds(metrics(ref))
+    assert_same_weights(weights(run / "checkpoints" / "last.pt"), weights(ref / "checkpoints" / "last.pt"))
+    assert_same_weights(weights(run / "checkpoints" / "best.pt"), weights(ref / "checkpoints" / "best.pt"))
+    summary = json.loads((run / "summary.json").read_text())
+    ref_summary = json.loads((ref / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 3
+    for k in ("best_top1", "best_epoch", "final_top1"):
+        assert summary[k] == ref_summary[k], k
+
+
+def test_sigterm_mid_epoch_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, capsys):
+    # a full epoch (no max_steps_per_epoch) of 180 steps at batch 8; the stop lands early in epoch 1
+    s = spec("term", data={"batch_size": 8}, train={"epochs": 2, "max_steps_per_epoch": None},
+             log={"every": 10})
+    file = write(tmp_path / "term.yaml", s)
+    ref = tmp_path / "ref"
+    assert kd(["run", file, "--out", ref], capsys)[0] == 0
+
+    run = tmp_path / "term"
+    proc = popen(["run", file, "--out", run], tmp_path, tmp_path / "term.log")
+    log = run / "log.txt"
+    wait_for(lambda: log.exists() and "epoch 1 step 20/" in log.read_text(), proc, "step 20 of epoch 1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 130, (tmp_path / "term.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    saved = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 0 and saved["state"]["step"] > 0, "expected a mid-epoch checkpoint"
+    assert "--resume" in log.read_text()
+
+    code, _, err = kd(["run", file, "--out", run, "--resume"], capsys)
+    assert code == 0, err
+    assert without_seconds(metrics(run)) == without_seconds(metrics(ref))
+    assert_same_weights(weights(run / "checkpoints" / "last.pt"), weights(ref / "checkpoints" / "last.pt"))
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_stopped_run_is_not_restarted_without_resume_or_force(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"name": "r", "status": "stopped"}))
+    file = write(tmp_path / "s.yaml", spec("r"))
+    code, _, err = kd(["run", file, "--out", run], capsys)
+    assert code == 2 and "--resume" in err and "--force" in err
+
+
+# ------------------------------------------------------------------------------------------------ NaN
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+    file = write(tmp_path / "nan.yaml", spec("nan", train={"optimizer": {"lr": 1.0e6}, "max_steps_per_epoch": 10}))
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert "loss became nan" in err or "loss became inf" in err
+    assert "epoch 1" in err and "train.optimizer.lr" in err
+    # it blew up in epoch 1: there is no good checkpoint to point at, and the message must not claim one
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+    assert "no checkpoint was written yet" in err
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "loss became" in summary["error"]
+
+
+def test_nan_after_a_good_epoch_names_the_existing_checkpoint(tmp_path, capsys):
+    file = write(tmp_path / "nan2.yaml", spec("nan2", loss=[{"method": "ce"}, {"method": "tests.userpkg:NaNLater"}]))
+    code, _, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 2
+    last = tmp_path / "nan2" / "checkpoints" / "last.pt"
+    assert f"the last good checkpoint is {last}" in err and "at epoch 2" in err
+    assert torch.load(last, weights_only=True)["state"]["epoch"] == 1  # the good epoch-1 checkpoint
+    assert json.loads((tmp_path / "nan2" / "summary.json").read_text())["status"] == "failed"
+    assert len(metrics(tmp_path / "nan2")) == 1
+
+
+# -------------------------------------------------------------------------------------------- teacher
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, _one_thread) -> Path:
+    """A wrn-16-1 trained for one short epoch: its best.pt."""
+    root = tmp_path_factory.mktemp("teacher")
+    file = write(root / "t.yaml", spec("t16", student={"model": "wrn-16-1"},
+                                       train={"epochs": 1, "max_steps_per_epoch": 10}))
+    assert main(["run", str(file), "--runs-dir", str(root)]) == 0
+    return root / "t16" / "checkpoints" / "best.pt"
+
+
+def kd_spec(name: str, teacher: dict, **over) -> dict:
+    over.setdefault("loss", [{"method": "ce", "weight": 0.1}, {"method": "kd"}])
+    return spec(name, teacher={"model": "wrn-16-1", **teacher}, **over)
+
+
+def test_teacher_checkpoint_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    file = write(tmp_path / "s.yaml", kd_spec("k", {"checkpoint": str(missing)}))
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 2
+    assert str(missing) in err and "Traceback" not in out + err
+
+
+def test_teacher_checkpoint_of_another_architecture(tmp_path, capsys, teacher_ckpt):
+    file = write(tmp_path / "s.yaml", spec("k", teacher={"model": "wrn-10-1", "checkpoint": str(teacher_ckpt)},
+                                           loss=[{"method": "ce"}, {"method": "kd"}]))
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 2, err
+    assert str(teacher_ckpt) in err and "Traceback" not in out + err
+    assert "unexpected keys" in err and "block1.1." in err  # wrn-16 has 2 blocks a stage, wrn-10 one
+
+
+def test_plain_state_dict_as_teacher_and_teacher_top1(tmp_path, capsys, teacher_ckpt):
+    teacher = build_model("wrn-16-1", num_classes=10)
+    teacher.load_state_dict(weights(teacher_ckpt))
+    plain = tmp_path / "plain_state.pt"
+    torch.save(teacher.state_dict(), plain)
+    file = write(tmp_path / "s.yaml", kd_spec("k", {"checkpoint": str(plain)}))
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "k" / "summary.json").read_text())
+    assert summary["teacher"] == "wrn-16-1" and summary["methods"] == ["ce", "kd"]
+    assert summary["teacher_params"] == sum(p.numel() for p in teacher.parameters())
+    t_sum = json.loads((teacher_ckpt.parents[1] / "summary.json").read_text())
+    assert summary["teacher_top1"] == pytest.approx(t_sum["best_top1"])  # same weights, same test set
+    rows = metrics(tmp_path / "k")
+    assert {"loss/ce", "loss/kd"} <= set(rows[0])
+    assert "| k | wrn-10-1 | wrn-16-1 |" in out  # the summary table of a distillation
+
+
+def test_from_spec_trains_the_teacher_once(tmp_path, capsys):
+    teacher = spec("tq", student={"model": "wrn-16-1"}, train={"epochs": 1, "max_steps_per_epoch": 3})
+    student = kd_spec("sq", {"from_spec": "#tq"}, train={"epochs": 1, "max_steps_per_epoch": 2})
+    file = write(tmp_path / "q.yaml", teacher, student)
+    runs = tmp_path / "runs"
+    code, out, err = kd(["run", file, "--runs-dir", runs], capsys)
+    assert code == 0, err
+    best = runs / "tq" / "checkpoints" / "best.pt"
+    assert best.exists()
+    stamp = best.stat().st_mtime_ns
+    first = json.loads((runs / "sq" / "summary.json").read_text())
+    assert first["teacher_top1"] == pytest.approx(json.loads((runs / "tq" / "summary.json").read_text())["best_top1"])
+
+    # the student alone, from its own file, reuses the finished teacher run
+    only = write(tmp_path / "sq.yaml", kd_spec("sq", {"from_spec": "q.yaml#tq"},
+                                              train={"epochs": 1, "max_steps_per_epoch": 2}))
+    code, out, err = kd(["run", only, "--runs-dir", runs, "--force"], capsys)
+    assert code == 0, err
+    assert best.stat().st_mtime_ns == stamp, "the teacher was retrained"
+    assert "training tq first" not in out
+    second = json.loads((runs / "sq" / "summary.json").read_text())
+    assert second["teacher_top1"] == first["teacher_top1"]
+    assert second["best_top1"] == first["best_top1"]  # same student spec, same teacher weights
+
+
+# ---------------------------------------------------------------------------------------- repeatability
+def test_same_spec_twice_gives_identical_metrics(tmp_path, capsys, teacher_ckpt):
+    file = write(tmp_path / "s.yaml", kd_spec("rep", {"checkpoint": str(teacher_ckpt)},
+                                              loss=[{"method": "ce", "weight": 0.1}, {"method": "kd"},
+                                                    {"method": "at"}]))
+    assert kd(["run", file, "--out", tmp_path / "a"], capsys)[0] == 0
+    assert kd(["run", file, "--out", tmp_path / "b"], capsys)[0] == 0
+    assert without_seconds(metrics(tmp_path / "a")) == without_seconds(metrics(tmp_path / "b"))
+    assert_same_weights(weights(tmp_path / "a" / "checkpoints" / "last.pt"),
+                        weights(tmp_path / "b" / "checkpoints" / "last.pt"))
+
+
+def test_minimal_spec_gets_optimizer_and_schedule_defaults(tmp_path, capsys):
+    # no train.optimizer / train.schedule: the schema's defaults (sgd, multistep) must apply
+    file = write(tmp_path / "min.yaml", {"name": "min", "data": {"dataset": "digits", "workers": 0},
+                                         "student": {"model": "wrn-10-1"},
+                                         "train": {"epochs": 1, "max_steps_per_epoch": 2},
+                                         "log": {"tensorboard": False}})
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "min" / "spec.yaml").read_text())
+    assert saved["train"]["optimizer"]["name"] == "sgd" and saved["train"]["schedule"]["name"] == "multistep"

@@ -1,0 +1,51 @@
+"""User code outside kdgraph, named by import path in the tests (``tests.userpkg:Net``, ``tests.userpkg:MyTerm``)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdgraph.losses import Term
+from kdgraph.losses.terms import FeatureTerm
+
+
+class Net(nn.Module):
+    """A small CNN using the functional in-place ReLU that fx taps must survive."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+class MyTerm(FeatureTerm):
+    """A user feature term: mean squared distance of the last stage outputs (channels projected)."""
+
+    auto = "last"
+    default_weight = 1.0
+    calls = 0
+
+    def __init__(self, weight=None, warmup_epochs=0.0, scale: float = 1.0):
+        super().__init__(weight, warmup_epochs)
+        self.scale = scale
+
+    def forward(self, out):
+        type(self).calls += 1
+        return self.scale * sum(F.mse_loss(s, t) for s, t in self.pairs_of(out))
+
+
+class NaNLater(Term):
+    """A logit term that becomes NaN from epoch 2 on (to test the engine's NaN guard deterministically)."""
+
+    needs_teacher = False
+
+    def forward(self, out):
+        value = F.cross_entropy(out.logits.float(), out.target)
+        return value * float("nan") if out.epoch >= 1 else value
