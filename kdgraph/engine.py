@@ -317,7 +317,8 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
         return summary
     except Stopped:
         summary["status"] = "stopped"
-        log.line(f"stopped; resume with: kdgraph run {spec.file} --resume" + (f" --out {rd.path}" if out else ""))
+        log.line(f"stopped; resume with: kdgraph run {spec.file} --resume"
+                 + (f" --out {rd.path}" if out else f" --runs-dir {runs_dir}"))
         raise
     except NonFinite as e:
         summary.update(status="failed", error=str(e))
@@ -347,6 +348,7 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
     summary["device"] = str(device)
 
     teacher = prepare_teacher(spec, runs_dir, info.num_classes, log, echo)
+    torch.manual_seed(train["seed"])  # a teacher trained first (from_spec) must not change the student's RNG
     student = build_model(data["student"]["model"], num_classes=info.num_classes,
                           weights=data["student"].get("weights"), **data["student"]["kwargs"])
     if data["student"].get("checkpoint"):
@@ -445,6 +447,9 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
 
     epochs, max_steps = train["epochs"], train["max_steps_per_epoch"]
     metrics_file = rd.path / "metrics.jsonl"
+    if _rank() == 0 and metrics_file.exists():  # rows past the checkpoint (killed before it was written)
+        kept = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["epoch"] <= state["epoch"]]
+        metrics_file.write_text("".join(r + "\n" for r in kept))
     for epoch in range(state["epoch"], epochs):
         t0 = time.time()
         train_loader.sampler.set_epoch(epoch)  # the full epoch's length, not a resumed epoch's remainder

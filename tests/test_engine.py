@@ -315,29 +315,49 @@ def test_plain_state_dict_as_teacher_and_teacher_top1(tmp_path, capsys, teacher_
     assert "| k | wrn-10-1 | wrn-16-1 |" in out  # the summary table of a distillation
 
 
-def test_from_spec_trains_the_teacher_once(tmp_path, capsys):
+def test_from_spec_trains_the_teacher_first_then_reuses_it(tmp_path, capsys):
     teacher = spec("tq", student={"model": "wrn-16-1"}, train={"epochs": 1, "max_steps_per_epoch": 3})
     student = kd_spec("sq", {"from_spec": "#tq"}, train={"epochs": 1, "max_steps_per_epoch": 2})
-    file = write(tmp_path / "q.yaml", teacher, student)
-    runs = tmp_path / "runs"
-    code, out, err = kd(["run", file, "--runs-dir", runs], capsys)
-    assert code == 0, err
-    best = runs / "tq" / "checkpoints" / "best.pt"
-    assert best.exists()
-    stamp = best.stat().st_mtime_ns
-    first = json.loads((runs / "sq" / "summary.json").read_text())
-    assert first["teacher_top1"] == pytest.approx(json.loads((runs / "tq" / "summary.json").read_text())["best_top1"])
-
-    # the student alone, from its own file, reuses the finished teacher run
+    write(tmp_path / "q.yaml", teacher, student)
     only = write(tmp_path / "sq.yaml", kd_spec("sq", {"from_spec": "q.yaml#tq"},
                                               train={"epochs": 1, "max_steps_per_epoch": 2}))
+    runs = tmp_path / "runs"
+
+    # the student alone: its teacher spec (a document of another file) is trained first
+    code, out, err = kd(["run", only, "--runs-dir", runs], capsys)
+    assert code == 0, err
+    assert "training tq first" in out
+    t_summary = json.loads((runs / "tq" / "summary.json").read_text())
+    assert t_summary["status"] == "finished" and t_summary["student"] == "wrn-16-1"
+    best = runs / "tq" / "checkpoints" / "best.pt"
+    stamp = best.stat().st_mtime_ns
+    first = json.loads((runs / "sq" / "summary.json").read_text())
+    assert first["status"] == "finished" and first["teacher"] == "wrn-16-1"
+    assert first["teacher_top1"] == pytest.approx(t_summary["best_top1"])  # the teacher's best.pt is used
+
+    # again: the finished teacher run is reused, not retrained
     code, out, err = kd(["run", only, "--runs-dir", runs, "--force"], capsys)
     assert code == 0, err
-    assert best.stat().st_mtime_ns == stamp, "the teacher was retrained"
     assert "training tq first" not in out
+    assert best.stat().st_mtime_ns == stamp, "the teacher was retrained"
     second = json.loads((runs / "sq" / "summary.json").read_text())
     assert second["teacher_top1"] == first["teacher_top1"]
     assert second["best_top1"] == first["best_top1"]  # same student spec, same teacher weights
+
+    # a --set of data/train keys also applies to the teacher, which then trains into its own run dir
+    code, out, err = kd(["run", only, "--runs-dir", runs, "--force", "--set", "train.max_steps_per_epoch=1"],
+                        capsys)
+    assert code == 0, err
+    assert best.stat().st_mtime_ns == stamp
+    (smoke,) = [d for d in runs.iterdir() if d.name.startswith("tq-")]
+    assert metrics(smoke)[0]["epoch"] == 1 and (smoke / "checkpoints" / "best.pt").exists()
+
+    # both documents of one file, in order: the teacher, then the student referring to it by '#tq'
+    code, out, err = kd(["run", tmp_path / "q.yaml", "--runs-dir", tmp_path / "runs2"], capsys)
+    assert code == 0, err
+    both = {n: json.loads((tmp_path / "runs2" / n / "summary.json").read_text()) for n in ("tq", "sq")}
+    assert both["sq"]["teacher_top1"] == pytest.approx(both["tq"]["best_top1"])
+    assert "| tq |" in out and "| sq |" in out  # the summary table of several runs
 
 
 # ---------------------------------------------------------------------------------------- repeatability
@@ -362,3 +382,50 @@ def test_minimal_spec_gets_optimizer_and_schedule_defaults(tmp_path, capsys):
     assert code == 0, err
     saved = yaml.safe_load((tmp_path / "min" / "spec.yaml").read_text())
     assert saved["train"]["optimizer"]["name"] == "sgd" and saved["train"]["schedule"]["name"] == "multistep"
+
+
+def test_stop_message_names_the_runs_dir_and_its_command_resumes(tmp_path, capsys, monkeypatch):
+    # a term sends SIGTERM to this very process in the middle of epoch 1 (in-process: no start-up cost)
+    from tests.userpkg import SelfStop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(SelfStop, "fired", False)
+    s = spec("selfstop", loss=[{"method": "ce"}, {"method": "tests.userpkg:SelfStop", "at": 0.5}],
+             train={"max_steps_per_epoch": 6, "schedule": {"name": "constant"}})
+    write(tmp_path / "selfstop.yaml", s)
+    code, out, err = kd(["run", "selfstop.yaml", "--runs-dir", "elsewhere"], capsys)
+    assert code == 130
+    run = tmp_path / "elsewhere" / "selfstop"
+    assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
+    # the signal arrives during step 4 (progress 3/6); that step completes, then the checkpoint is written
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == 4
+    line = next(l for l in out.splitlines() if "resume with:" in l)
+    command = line.split("resume with: kdgraph ", 1)[1].split()
+    assert command == ["run", "selfstop.yaml", "--resume", "--runs-dir", "elsewhere"]
+    code, out, err = kd(command, capsys)  # the printed command continues this run, not a new one in runs/
+    assert code == 0, err
+    assert not (tmp_path / "runs").exists()
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_resume_after_a_kill_between_metrics_row_and_checkpoint_does_not_repeat_the_row(tmp_path, capsys):
+    # A SIGKILL at an epoch's end after metrics.jsonl got the row but before last.pt was replaced leaves
+    # N rows and an epoch N-1 checkpoint. Built here from two runs of a constant-lr spec: the state after
+    # epoch 1 of a 1-epoch run is the state after epoch 1 of the 2-epoch run (same seed and data order).
+    s = spec("window", train={"epochs": 2, "schedule": {"name": "constant"}})
+    file = write(tmp_path / "window.yaml", s)
+    assert kd(["run", file, "--out", tmp_path / "ref"], capsys)[0] == 0
+    run = tmp_path / "crashed"
+    assert kd(["run", file, "--out", run, "--set", "train.epochs=1"], capsys)[0] == 0
+    ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    with open(run / "metrics.jsonl", "a") as f:  # the epoch-2 row was written, then the process died
+        f.write(ref_rows[1] + "\n")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running", "epochs": 2}))
+
+    code, _, err = kd(["run", file, "--out", run, "--resume"], capsys)
+    assert code == 0, err
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2], "a resumed epoch's metrics row was appended twice"
+    assert without_seconds(rows) == without_seconds(metrics(tmp_path / "ref"))

@@ -167,6 +167,7 @@ class FitNet(FeatureTerm):
 
     default_weight = 100.0
     auto = "middle"
+    always_connect = True  # the regressor is part of the method, even when channel counts agree
 
     def forward(self, out: Outputs) -> Tensor:
         return sum(KF.fitnet(s, t) for s, t in self.pairs_of(out))

@@ -1,0 +1,273 @@
+"""The ``kdgraph`` command line: validate (FILE:LINE:COL problems, --set), schema, layers, models, --help."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdgraph.cli import main
+from kdgraph.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+PROBLEM = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>[\w.<>-]+): (?P<msg>.+)$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kd(args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def problems(text: str) -> list[dict]:
+    """Every line must be one ``FILE:LINE:COL: key.path: message`` problem."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    found = [PROBLEM.match(l) for l in lines]
+    assert all(found), f"not a FILE:LINE:COL: key.path: message line in:\n{text}"
+    return [{**m.groupdict(), "line": int(m["line"]), "col": int(m["col"])} for m in found]
+
+
+# A spec whose schema is broken (its semantic checks then do not run).
+SCHEMA_BAD = """\
+name: schema-bad
+data: {dataset: digits, workers: 0}
+student: {model: wrn-10-1}
+train:
+  epochs: 2
+  epoch: 3
+"""
+
+# A spec that passes the schema but names a wrong method, a wrong method parameter and a wrong layer.
+SEMANTIC_BAD = """\
+name: semantic-bad
+data: {dataset: digits, workers: 0}
+teacher: {model: wrn-16-1, checkpoint: teacher.pt}
+student: {model: wrn-10-1}
+loss:
+  - method: ce
+  - method: kdd
+  - method: kd
+    temprature: 4
+  - method: at
+    positions: [[block2, blok2]]
+"""
+
+# kd without a teacher.
+NO_TEACHER = """\
+name: no-teacher
+data: {dataset: digits, workers: 0}
+student: {model: wrn-10-1}
+loss:
+  - method: ce
+  - method: kd
+"""
+
+VALID = """\
+name: valid
+data: {dataset: digits, workers: 0}
+teacher: {model: wrn-16-1, checkpoint: teacher.pt}
+student: {model: wrn-10-1}
+loss:
+  - {method: ce, weight: 0.1}
+  - {method: kd, temperature: 4}
+  - method: at
+    positions: [[block2, block2], [block3, block3]]
+train: {epochs: 2}
+"""
+
+
+def test_validate_reports_each_problem_at_its_place(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, text in [("schema_bad.yaml", SCHEMA_BAD), ("semantic_bad.yaml", SEMANTIC_BAD),
+                       ("no_teacher.yaml", NO_TEACHER)]:
+        Path(name).write_text(text)
+    code, out, err = kd(["validate", "schema_bad.yaml", "semantic_bad.yaml", "no_teacher.yaml"], capsys)
+    assert code == 2
+    assert "Traceback" not in out + err
+    got = problems(err)
+    by_path = {(p["file"], p["path"]): p for p in got}
+    assert len(got) == len(by_path) == 5, err  # one line per problem, no duplicates
+
+    p = by_path[("schema_bad.yaml", "train.epoch")]
+    assert (p["line"], p["col"]) == (6, 3)
+    assert "unknown key 'epoch'" in p["msg"] and "did you mean 'epochs'" in p["msg"]
+
+    p = by_path[("semantic_bad.yaml", "loss.1.method")]
+    assert (p["line"], p["col"]) == (7, 13)
+    assert "'kdd'" in p["msg"] and "did you mean" in p["msg"] and "'kd'" in p["msg"]
+
+    p = by_path[("semantic_bad.yaml", "loss.2.temprature")]
+    assert p["line"] == 9
+    assert "no parameter 'temprature'" in p["msg"] and "did you mean 'temperature'" in p["msg"]
+
+    p = by_path[("semantic_bad.yaml", "loss.3.positions.0.1")]
+    assert p["line"] == 11 and p["col"] == 26  # the student tap 'blok2' itself
+    assert "'blok2'" in p["msg"] and "student" in p["msg"] and "'block2'" in p["msg"]
+
+    p = by_path[("no_teacher.yaml", "loss.1.method")]
+    assert p["line"] == 6
+    assert "teacher" in p["msg"]
+
+
+def test_validate_a_valid_spec(tmp_path, capsys):
+    file = tmp_path / "valid.yaml"
+    file.write_text(VALID)
+    code, out, err = kd(["validate", file], capsys)
+    assert code == 0, err
+    assert "1 spec(s) valid" in out
+
+
+def test_validate_multi_document_file(tmp_path, capsys):
+    file = tmp_path / "two.yaml"
+    file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2").replace("block3, block3",
+                                                                                           "block3, blok3"))
+    code, out, err = kd(["validate", file], capsys)
+    assert code == 2
+    (p,) = problems(err)
+    assert p["path"] == "loss.2.positions.1.1" and p["line"] == 20  # the line in the file, second document
+
+
+def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, capsys):
+    file = tmp_path / "s.yaml"
+    file.write_text(VALID.replace("epochs: 2", "epochs: -1"))
+    code, _, err = kd(["validate", file], capsys)
+    assert code == 2
+    (p,) = problems(err)
+    assert p["path"] == "train.epochs" and p["line"] == 10 and "minimum" in p["msg"]
+
+    code, out, err = kd(["validate", file, "--set", "train.epochs=3"], capsys)
+    assert code == 0, err
+
+    code, out, err = kd(["validate", file, "--set", "train.epochs=three"], capsys)
+    assert code == 2 and "Traceback" not in out + err
+    (p,) = problems(err)
+    assert p["file"] == "--set" and p["path"] == "train.epochs" and "integer" in p["msg"]
+
+    # an override that fixes a semantic problem: kd without a teacher, replaced by a logit-free loss list
+    nt = tmp_path / "nt.yaml"
+    nt.write_text(NO_TEACHER)
+    assert kd(["validate", nt], capsys)[0] == 2
+    code, _, err = kd(["validate", nt, "--set", "loss=[{method: ce}]"], capsys)
+    assert code == 0, err
+    code, _, err = kd(["validate", nt, "--set", "loss.1.method=ce"], capsys)
+    assert code == 0, err
+
+    code, out, err = kd(["validate", file, "--set", "train.epochs"], capsys)  # no '='
+    assert code == 2 and "KEY.PATH=VALUE" in err and "Traceback" not in out + err
+
+
+def test_run_refuses_a_sweep_spec_unless_sweep_is_nulled(tmp_path, capsys):
+    file = tmp_path / "sw.yaml"
+    file.write_text("name: sw\ndata: {dataset: digits, workers: 0}\nstudent: {model: wrn-10-1}\n"
+                    "train: {epochs: 1, max_steps_per_epoch: 1, optimizer: {lr: 0.05}, schedule: {name: constant}}\n"
+                    "log: {tensorboard: false}\n"
+                    "sweep: {train.optimizer.lr: [0.1, 0.05]}\n")
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path / "runs"], capsys)
+    assert code == 2 and "sweep" in err and "Traceback" not in out + err
+    assert not (tmp_path / "runs" / "sw" / "metrics.jsonl").exists()
+    code, out, err = kd(["run", file, "--runs-dir", tmp_path / "runs", "--set", "sweep=null"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "sw" / "summary.json").exists()
+
+
+def test_run_out_takes_one_spec(tmp_path, capsys):
+    file = tmp_path / "two.yaml"
+    file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2"))
+    code, _, err = kd(["run", file, "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_run_missing_spec_file(tmp_path, capsys):
+    code, out, err = kd(["run", tmp_path / "nope.yaml"], capsys)
+    assert code == 2 and "nope.yaml" in err and "Traceback" not in out + err
+
+
+# ------------------------------------------------------------------------------------------- schema
+def test_schema_is_json_draft_2020_12(capsys):
+    code, out, _ = kd(["schema"], capsys)
+    assert code == 0
+    schema = json.loads(out)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert {"name", "data", "student", "teacher", "loss", "train"} <= set(schema["properties"])
+    import jsonschema
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+# ------------------------------------------------------------------------------------------- layers
+def test_layers_lists_pre_activation_taps_with_shapes(capsys):
+    code, out, _ = kd(["layers", "wrn-16-2"], capsys)
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.split() and l.split()[0] == "block2.0.relu1:pre")
+    assert line.split()[-1] == "32x32x32"
+    assert "pre" in line.split()
+
+
+def test_layers_json_and_filter(capsys):
+    code, out, _ = kd(["layers", "wrn-16-2", "--json", "--filter", "block2.0"], capsys)
+    assert code == 0
+    rows = json.loads(out)
+    assert rows and all("block2.0" in r["name"] for r in rows)
+    row = next(r for r in rows if r["name"] == "block2.0.relu1:pre")
+    assert row["shape"] == [32, 32, 32] and row["kind"] == "pre"
+    assert {"name", "op", "kind", "shape"} == set(row)
+
+
+def test_layers_torchvision_model_at_imagenet_size(capsys):
+    code, out, err = kd(["layers", "torchvision:resnet18", "--input-size", "3", "224", "224", "--json"], capsys)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["layer4"]["shape"] == [512, 7, 7] and rows["layer4"]["kind"] == "block"
+    assert rows["fc"]["shape"] == [100]
+    assert rows["layer1.0.relu:pre"]["shape"] == [64, 56, 56]
+
+
+def test_layers_of_a_user_model_with_functional_inplace_relu(capsys):
+    code, out, err = kd(["layers", "tests.userpkg:Net", "--num-classes", "10"], capsys)
+    assert code == 0, err
+    names = {l.split()[0]: l.split()[-1] for l in out.splitlines() if l.split()}
+    assert names["relu:pre"] == "8x32x32" and names["relu_1:pre"] == "16x16x16"
+    assert names["fc"] == "10"
+
+
+def test_layers_unknown_model_suggests(capsys):
+    code, out, err = kd(["layers", "wrn-16-x"], capsys)
+    assert code == 2
+    assert "did you mean" in err and "wrn-16-2" in err and "Traceback" not in out + err
+    code, out, err = kd(["layers", "torchvision:resnet181"], capsys)
+    assert code == 2 and "resnet18" in err
+
+
+# ------------------------------------------------------------------------------------------- models
+def test_models_lists_parameter_counts(capsys):
+    code, out, _ = kd(["models"], capsys)
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.split() and l.split()[0] == "wrn-16-2")
+    expected = sum(p.numel() for p in build_model("wrn-16-2", num_classes=100).parameters())
+    assert f"{expected:,}" in line
+    code, out, _ = kd(["models", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["wrn-16-2"]["params"] == expected
+
+
+# -------------------------------------------------------------------------------------- entry point
+def test_python_dash_m_help():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "kdgraph", "--help"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage: kdgraph" in res.stdout
+    for command in ("run", "validate", "schema", "layers", "models"):
+        assert command in res.stdout

@@ -1,0 +1,303 @@
+"""The built-in loss methods end to end, gradient flow, MarginReLU margins, positions, connectors, user terms.
+
+A wrn-16-1 teacher is trained once (one epoch on ``digits``) and shared by the whole module; students are
+wrn-10-1. One intra-op thread keeps these small convolutions fast on a loaded 2-core machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from kdgraph.cli import main
+from kdgraph.graph import layers, stage_ends, tap, trace
+from kdgraph.losses import LOSSES, Outputs, Setup, build_terms
+from kdgraph.losses.connectors import Align
+from kdgraph.models import build_model
+
+METHODS = ["kd", "dkd", "at", "sp", "fitnet", "nst", "pkt", "rkd", "margin_relu"]
+FRESH_MARGIN = -math.sqrt(2 / math.pi)  # E[x | x < 0] for x ~ N(0, 1): BatchNorm gamma = 1, beta = 0
+INPUT = (3, 16, 16)  # digits' default image size
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(spec: dict, root: Path, *extra: str) -> Path:
+    file = write(root / f"{spec['name']}.yaml", spec)
+    code = main(["run", str(file), "--runs-dir", str(root), *extra])
+    assert code == 0, f"kdgraph run {spec['name']} exited {code}"
+    return root / spec["name"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, _one_thread) -> Path:
+    """best.pt of a wrn-16-1 trained for one epoch (45 steps of 32; about 60% test top-1)."""
+    root = tmp_path_factory.mktemp("teacher")
+    run({"name": "teacher", "data": {"dataset": "digits", "workers": 0, "batch_size": 32},
+         "student": {"model": "wrn-16-1"},
+         "train": {"epochs": 1, "device": "cpu", "optimizer": {"lr": 0.05}, "schedule": {"name": "constant"}},
+         "log": {"tensorboard": False}}, root)
+    return root / "teacher" / "checkpoints" / "best.pt"
+
+
+def student_spec(name: str, teacher_ckpt: Path, loss: list, teacher_model: str = "wrn-16-1", **train) -> dict:
+    return {"name": name, "data": {"dataset": "digits", "workers": 0, "batch_size": 64},
+            "teacher": {"model": teacher_model, "checkpoint": str(teacher_ckpt)},
+            "student": {"model": "wrn-10-1"}, "loss": loss,
+            "train": {"epochs": 2, "device": "cpu", "max_steps_per_epoch": 10, "optimizer": {"lr": 0.05},
+                      "schedule": {"name": "constant"}, **train},
+            "log": {"tensorboard": False}}
+
+
+def loaded_teacher(ckpt: Path, model: str = "wrn-16-1") -> nn.Module:
+    net = build_model(model, num_classes=10)
+    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_its_term_goes_down(method, teacher, tmp_path):
+    # 20 steps of 64 at lr 0.05 (constant): over seeds 0-5 every term's epoch-2 mean is <= 0.7x its epoch-1
+    # mean (fitnet: once it has its regressor). With 10 steps sp sometimes sits on its initial plateau (1
+    # seed in 10), and at batch 32 its per-batch Gram matrices are noisier still.
+    out = run(student_spec(f"m-{method}", teacher, [{"method": "ce"}, {"method": method}],
+                           max_steps_per_epoch=20), tmp_path)
+    rows = metrics(out)
+    assert len(rows) == 2
+    key = f"loss/{method}"
+    first, second = rows[0][key], rows[1][key]
+    assert math.isfinite(first) and math.isfinite(second)
+    assert second < 0.9 * first, f"{key}: {first:.5g} -> {second:.5g}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["methods"] == ["ce", method]
+    assert summary["teacher_top1"] > 30
+
+
+# -------------------------------------------------------------------------------------- gradient flow
+def _setup_terms(loss: list, teacher_net: nn.Module, student_net: nn.Module):
+    """Terms built and set up as the engine does: layers tables, a real tapped forward for shapes."""
+    t_rows, s_rows = layers(teacher_net, INPUT), layers(student_net, INPUT)
+    terms, problems = build_terms(loss, teacher_rows=t_rows, student_rows=s_rows, has_teacher=True)
+    assert problems == []
+    terms = nn.ModuleList(terms)
+    s_fwd = tap(student_net, sorted({s for t in terms for _, s in t.pairs}))
+    t_fwd = tap(teacher_net, sorted({t_ for t in terms for t_, _ in t.pairs}))
+    x = torch.randn(8, *INPUT)
+    with torch.no_grad():
+        student_net.eval()
+        s_shapes = {k: tuple(v.shape[1:]) for k, v in s_fwd(x)[1].items()}
+        t_shapes = {k: tuple(v.shape[1:]) for k, v in t_fwd(x)[1].items()}
+    ctx = Setup(student=student_net, teacher=teacher_net, student_shapes=s_shapes, teacher_shapes=t_shapes,
+                teacher_node=trace(teacher_net).resolve,
+                teacher_features=lambda names: {k: v for k, v in t_fwd(x)[1].items() if k in names},
+                log=lambda s: None)
+    for term in terms:
+        term.setup(ctx)
+    return terms, s_fwd, t_fwd
+
+
+def test_gradients_reach_student_and_connectors_only(teacher):
+    torch.manual_seed(0)
+    teacher_net = build_model("wrn-16-2", num_classes=10).eval()  # wider: fitnet needs connectors
+    for p in teacher_net.parameters():
+        p.requires_grad_(False)
+    student_net = build_model("wrn-10-1", num_classes=10)
+    loss_cfg = [{"method": m} for m in METHODS]
+    terms, s_fwd, t_fwd = _setup_terms(loss_cfg, teacher_net, student_net)
+    connector_params = list(terms.parameters())
+    assert connector_params, "fitnet/margin_relu between 32-wide and 16-wide stages must build connectors"
+
+    x, y = torch.randn(16, *INPUT), torch.randint(0, 10, (16,))
+    s_fwd.train()
+    with torch.no_grad():
+        t_logits, t_feats = t_fwd(x)
+    logits, feats = s_fwd(x)
+    out = Outputs(logits=logits, target=y, feats=feats, teacher_logits=t_logits, teacher_feats=t_feats, epoch=0.5)
+    values = [term(out) for term in terms]
+    for m, v in zip(METHODS, values):
+        assert torch.isfinite(v) and v.requires_grad, m
+    sum(term.factor(0.5) * v for term, v in zip(terms, values)).backward()
+
+    assert all(p.grad is None for p in teacher_net.parameters())
+    for name, p in terms.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"connector {name} got no gradient"
+    for name, p in student_net.named_parameters():
+        assert p.grad is not None, f"student {name} got no gradient"
+    for name, b in terms.named_buffers():
+        assert not b.requires_grad, name
+
+
+def test_each_feature_term_alone_sends_gradient_into_the_student(teacher):
+    teacher_net = loaded_teacher(teacher)
+    for p in teacher_net.parameters():
+        p.requires_grad_(False)
+    for method in [m for m in METHODS if LOSSES.get(m).features is not None]:
+        torch.manual_seed(0)
+        student_net = build_model("wrn-10-1", num_classes=10)
+        terms, s_fwd, t_fwd = _setup_terms([{"method": method}], teacher_net, student_net)
+        x = torch.randn(16, *INPUT)
+        s_fwd.train()
+        with torch.no_grad():
+            t_logits, t_feats = t_fwd(x)
+        logits, feats = s_fwd(x)
+        terms[0](Outputs(logits=logits, target=torch.zeros(16, dtype=torch.long), feats=feats,
+                         teacher_logits=t_logits, teacher_feats=t_feats)).backward()
+        assert student_net.conv1.weight.grad is not None and student_net.conv1.weight.grad.abs().sum() > 0, method
+        assert all(p.grad is None for p in teacher_net.parameters()), method
+
+
+# ------------------------------------------------------------------------------------------- margins
+def _margins(teacher_net: nn.Module) -> list[torch.Tensor]:
+    student_net = build_model("wrn-10-1", num_classes=10)
+    terms, _, _ = _setup_terms([{"method": "margin_relu"}], teacher_net, student_net)
+    term = terms[0]
+    return [getattr(term, f"margin{i}") for i in range(len(term.pairs))]
+
+
+def test_margins_come_from_the_loaded_teacher(teacher, tmp_path):
+    fresh = _margins(build_model("wrn-16-1", num_classes=10).eval())
+    assert len(fresh) == 3
+    for m in fresh:
+        assert torch.allclose(m, torch.full_like(m, FRESH_MARGIN), atol=1e-4)
+    loaded = _margins(loaded_teacher(teacher))
+    for f, m in zip(fresh, loaded):
+        assert f.shape == m.shape
+        assert not torch.allclose(f, m, atol=1e-3), "margins of the trained teacher equal a fresh teacher's"
+        assert (m <= 0).all()
+
+    # the engine computes them after loading the teacher's weights: they are saved with the terms
+    out = run(student_spec("margins", teacher, [{"method": "ce"}, {"method": "margin_relu"}],
+                           max_steps_per_epoch=1, epochs=1), tmp_path)
+    saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["terms"]
+    for i, m in enumerate(loaded):
+        assert torch.allclose(saved[f"1.margin{i}"], m), i
+
+
+# ----------------------------------------------------------------------------------------- positions
+def test_auto_positions_count_mismatch_is_a_clear_problem(tmp_path, capsys):
+    with torch.device("meta"):
+        t_net = build_model("torchvision:resnet18", num_classes=10)
+        s_net = build_model("wrn-10-1", num_classes=10)
+    t_rows, s_rows = layers(t_net, (3, 32, 32)), layers(s_net, (3, 32, 32))
+    t_ends, s_ends = stage_ends(t_rows, pre=False), stage_ends(s_rows, pre=False)
+    assert len(t_ends) > len(s_ends) == 3
+    _, problems = build_terms([{"method": "ce"}, {"method": "at"}], teacher_rows=t_rows, student_rows=s_rows,
+                              has_teacher=True)
+    ((path, message),) = problems
+    assert path == ("loss", 1, "positions")
+    assert f"{len(t_ends)} teacher position(s)" in message and "3 student position(s)" in message
+    assert "layer1" in message and "block1" in message and "[[teacher_tap, student_tap]" in message
+
+    # the same through `kdgraph validate`, at the spec's place (digits resized to 32x32)
+    spec = {"name": "mismatch", "data": {"dataset": "digits", "workers": 0, "options": {"size": 32}},
+            "teacher": {"model": "torchvision:resnet18", "checkpoint": "t.pt"}, "student": {"model": "wrn-10-1"},
+            "loss": [{"method": "ce"}, {"method": "at", "positions": "auto"}]}
+    file = write(tmp_path / "mismatch.yaml", spec)
+    assert main(["validate", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "loss.1.positions: positions: auto found" in err and "Traceback" not in err
+    # explicit pairs fix it
+    spec["loss"][1]["positions"] = [["layer1", "block1"], ["layer2", "block2"], ["layer3", "block3"]]
+    write(tmp_path / "mismatch.yaml", spec)
+    assert main(["validate", str(file)]) == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- connectors
+def test_channel_mismatch_builds_conv_bn_saved_with_the_terms(tmp_path):
+    wide = build_model("wrn-16-2", num_classes=10)
+    plain = tmp_path / "wide.pt"
+    torch.save(wide.state_dict(), plain)  # a plain state_dict teacher (untrained: fine for the wiring)
+    out = run(student_spec("conn", plain, [{"method": "ce"}, {"method": "fitnet"}], teacher_model="wrn-16-2",
+                           epochs=1, max_steps_per_epoch=2), tmp_path)
+    saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["terms"]
+    # fitnet's middle position: block2, 32 channels in wrn-10-1, 64 in wrn-16-2
+    assert saved["1.align.0.project.0.weight"].shape == (64, 32, 1, 1)
+    assert {"1.align.0.project.1.weight", "1.align.0.project.1.bias", "1.align.0.project.1.running_mean",
+            "1.align.0.project.1.running_var"} <= set(saved)
+    log = (out / "log.txt").read_text()
+    assert "fitnet positions (teacher -> student): block2 -> block2" in log
+
+    align = Align((32, 8, 8), (64, 8, 8))
+    assert isinstance(align.project, nn.Sequential)
+    conv, bn = align.project
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
+    assert (conv.in_channels, conv.out_channels) == (32, 64)
+    assert isinstance(bn, nn.BatchNorm2d) and bn.num_features == 64
+    s, t = align(torch.randn(2, 32, 8, 8), torch.randn(2, 64, 8, 8))
+    assert s.shape == t.shape == (2, 64, 8, 8)
+    assert Align((32, 8, 8), (32, 8, 8)).project is None
+    assert Align((32, 8, 8), (32, 8, 8), always=True).project is not None
+    assert Align((32, 8, 8), (64, 8, 8), channels=False).project is None
+
+
+def test_spatial_mismatch_pools_the_larger_map():
+    student, teacher = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 16, 16)
+    align = Align((16, 8, 8), (16, 16, 16))
+    s, t = align(student, teacher)
+    assert s.shape == t.shape == (2, 16, 8, 8)
+    assert torch.equal(s, student)
+    assert torch.allclose(t, nn.functional.avg_pool2d(teacher, 2), atol=1e-6)
+
+    align = Align((16, 16, 16), (16, 8, 8))
+    s, t = align(teacher, student)
+    assert s.shape == t.shape == (2, 16, 8, 8)
+    assert torch.equal(t, student)
+    assert torch.allclose(s, nn.functional.avg_pool2d(teacher, 2), atol=1e-6)
+
+    # through a term: AT from a 32x32 teacher map to the student's 16x16 one
+    t_net = build_model("wrn-16-1", num_classes=10).eval()
+    s_net = build_model("wrn-10-1", num_classes=10)
+    terms, s_fwd, t_fwd = _setup_terms([{"method": "at", "positions": [["block1", "block2"]]}], t_net, s_net)
+    assert terms[0].align[0].pool_teacher and terms[0].align[0].size == (8, 8)
+    x = torch.randn(4, *INPUT)
+    with torch.no_grad():
+        t_logits, t_feats = t_fwd(x)
+    logits, feats = s_fwd(x)
+    value = terms[0](Outputs(logits=logits, target=torch.zeros(4, dtype=torch.long), feats=feats,
+                             teacher_logits=t_logits, teacher_feats=t_feats))
+    assert torch.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------- user term
+def test_user_term_by_import_path(teacher, tmp_path, capsys):
+    from tests.userpkg import MyTerm
+
+    spec = student_spec("user", teacher, [{"method": "ce"}, {"method": "tests.userpkg:MyTerm", "scale": 2.0}],
+                        epochs=1, max_steps_per_epoch=3)
+    file = write(tmp_path / "user.yaml", spec)
+    assert main(["validate", str(file)]) == 0, capsys.readouterr().err
+    before = MyTerm.calls
+    out = run(spec, tmp_path)
+    assert MyTerm.calls - before >= 3
+    (row,) = metrics(out)
+    assert math.isfinite(row["loss/myterm"]) and row["loss/myterm"] > 0
+    assert json.loads((out / "summary.json").read_text())["methods"] == ["ce", "tests.userpkg:MyTerm"]
+    assert "myterm positions (teacher -> student): block3 -> block3" in (out / "log.txt").read_text()
+
+    spec["loss"][1]["scal"] = 1.0  # a misspelt parameter of a user term is caught too
+    write(tmp_path / "user.yaml", spec)
+    capsys.readouterr()
+    assert main(["validate", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "no parameter 'scal'" in err and "did you mean 'scale'" in err
