@@ -30,14 +30,6 @@ SUMMARY_KEYS = {"name", "status", "epochs", "epochs_done", "best_top1", "best_ep
                 "dataset"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

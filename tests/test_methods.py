@@ -25,14 +25,6 @@ FRESH_MARGIN = -math.sqrt(2 / math.pi)  # E[x | x < 0] for x ~ N(0, 1): BatchNor
 INPUT = (3, 16, 16)  # digits' default image size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
