@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdgraph.cli import main
 from kdgraph.models import build_model
