@@ -69,3 +69,14 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def cli(args) -> int:
+    """``kdgraph bench``: the tap-overhead figure (more figures are being added)."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    r = tap_overhead(args.reps, args.batch, device)
+    print(f"WRN-28-4, 3 pre-ReLU taps, batch {r['batch']}, {r['device']}: eager {r['eager_ms']:.1f} ms, "
+          f"tapped {r['tapped_ms']:.1f} ms, ratio {r['ratio']:.3f} (target <= 1.05)")
+    with open(args.out, "w") as f:
+        json.dump(r, f, indent=2)
+    return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .errors import SpecError, UserError
 
@@ -28,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over, deleting an existing run directory")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU; gloo on CPU) through torchrun")
 
     p = sub.add_parser("validate", help="check specs: schema, models, layer names, methods")
     _specs_arg(p)
@@ -55,6 +56,20 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and learning curves of run directories")
     p.add_argument("runs", nargs="+", help="run or sweep directories, or globs")
     p.add_argument("--out", help="where report.md/csv and curves.png go")
+
+    p = sub.add_parser("ui", help="the web UI: build specs, launch and follow runs (needs kdgraph[ui])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--specs-dir", default="specs")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="required when --host is not a loopback address")
+
+    p = sub.add_parser("bench", help="speed and memory benchmarks, printed as ratios (a table and JSON)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per figure (median is reported)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--only", default="abcd", help="which figures: any of a, b, c, d (default: all)")
+    p.add_argument("--out", default="bench.json", help="where the JSON goes (default: bench.json)")
     return ap
 
 
@@ -104,7 +119,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from . import spec as specs
-    from .engine import Stopped, run
+    from .engine import Stopped, distributed, run
     from .spec.check import check
 
     loaded = [s for file in args.spec for s in specs.load_all(file, args.overrides)]
@@ -113,16 +128,39 @@ def cmd_run(args) -> int:
         raise SpecError(problems)
     if args.out and len(loaded) > 1:
         raise UserError("--out takes one spec; use --runs-dir for several")
+    if args.nproc is not None:
+        return _torchrun(args)
     summaries = []
-    for s in loaded:
-        try:
-            summaries.append(run(s, args.out, resume=args.resume, force=args.force, runs_dir=args.runs_dir))
-        except Stopped:
-            return 130
+    with distributed():
+        for s in loaded:
+            try:
+                summaries.append(run(s, args.out, resume=args.resume, force=args.force, runs_dir=args.runs_dir))
+            except Stopped:
+                return 130
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if len(summaries) > 1 or any(s.get("teacher") for s in summaries):
         print()
         print(summary_table(summaries))
     return 0
+
+
+def _torchrun(args) -> int:
+    """Replace this process by ``torchrun --standalone --nproc_per_node N -m kdgraph run ...`` (same arguments)."""
+    import os
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, not {args.nproc}")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "-m", "kdgraph", "run", *args.spec, *[a for o in args.overrides for a in ("--set", o)],
+            "--runs-dir", args.runs_dir, *(["--out", args.out] if args.out else []),
+            *(["--resume"] if args.resume else []), *(["--force"] if args.force else [])]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def summary_table(summaries: list[dict]) -> str:
@@ -187,8 +225,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import ipaddress
+
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not args.auth:
+        raise UserError(f"--host {args.host} exposes the UI beyond this machine: add --auth USER:PASSWORD")
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise UserError("--auth takes USER:PASSWORD")
+        auth = (user, password)
+    try:
+        from .ui.app import serve
+    except ImportError as e:
+        raise UserError(f"the UI needs gradio ({e}): pip install 'kdgraph[ui]'") from None
+    serve(host=args.host, port=args.port, runs_dir=args.runs_dir, specs_dir=args.specs_dir, auth=auth)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import cli
+
+    return cli(args)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "layers": cmd_layers,
-            "models": cmd_models, "sweep": cmd_sweep, "report": cmd_report}
+            "models": cmd_models, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -28,8 +29,8 @@ from . import checkpoint as ckpt
 from . import spec as specs
 from .data import build_loaders
 from .errors import UserError
-from .graph import layers, tap, trace
-from .losses import Outputs, Setup, build_terms
+from .distiller import Distiller, TermProblems  # class Distiller: the step, in kdgraph/distiller.py
+from .errors import SpecError
 from .models import build_model
 
 
@@ -43,6 +44,9 @@ class NonFinite(Exception):
 
 # ------------------------------------------------------------------------------------------- utilities
 def pick_device(name: str) -> torch.device:
+    """The training device; under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
+    if _world() > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"train.device is {name!r} but torch sees no CUDA device")
@@ -91,30 +95,15 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, 1).indices == target[:, None]).any(1).sum())
 
 
-class _Plain(nn.Module):
-    """A model called like a tapped one: ``(output, {})``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x), {}
-
-
-def _tapped(model: nn.Module, names: list[str], leaf) -> nn.Module:
-    return tap(model, names, leaf) if names else _Plain(model)
-
-
 @torch.no_grad()
-def evaluate(forward: nn.Module, loader, device, precision: str, channels_last: bool) -> dict:
-    """Test loss (CE), top-1 and top-5 (%), summed across ranks when distributed."""
-    forward.eval()
+def evaluate(model: nn.Module, loader, device, precision: str, channels_last: bool) -> dict:
+    """Test loss (CE), top-1 and top-5 (%) of ``model`` (put in eval mode), summed across ranks when distributed."""
+    model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     for x, y in loader:
         x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits, _ = forward(x)
+            logits = model(x)
         logits = logits.float()
         totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), accuracy(logits, y, 1),
                                 accuracy(logits, y, 5), len(y)], dtype=torch.float64, device=device)
@@ -139,6 +128,39 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def distributed():
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on CPU).
+
+    A no-op for a single process or when a group already exists; the group is destroyed on the way out.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def param_count(model: nn.Module) -> int:
@@ -214,6 +236,7 @@ class _Signals:
 
     def __init__(self):
         self.stop = False
+        self._first = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -225,9 +248,12 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.stop:  # a second signal: stop now
+        # A second signal stops at once; one within a second of the first is the same request delivered
+        # twice (e.g. to the process group and again by torchrun, which forwards what it receives).
+        if self.stop and time.monotonic() - self._first > 1.0:
             raise KeyboardInterrupt
-        self.stop = True
+        if not self.stop:
+            self.stop, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -264,6 +290,7 @@ def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Log
             raise UserError(f"teacher.from_spec trains {tspec.data['student']['model']!r} but teacher.model is "
                             f"{cfg['model']!r}")
         rd = RunDir(tdir)
+        _barrier()  # every rank sees the same status, and trains the teacher together if needed
         if rd.summary().get("status") != "finished":
             log.line(f"teacher: training {tspec.data['name']} first (from_spec) into {tdir}")
             run(tspec, tdir, resume=rd.last.exists(), echo=echo, runs_dir=runs_dir)
@@ -303,6 +330,7 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
     if main:
         (rd.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         (rd.path / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    _barrier()
     log = Logger(rd.path, data["log"]["tensorboard"], echo, main)
     summary = {"name": data["name"], "status": "running", "dataset": data["data"]["dataset"],
                "student": data["student"]["model"], "teacher": (data.get("teacher") or {}).get("model"),
@@ -337,15 +365,17 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
 def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resume: bool, runs_dir: Path, echo,
            previous: dict) -> None:
     data, train = spec.data, spec.data["train"]
+    rank, world = _rank(), _world()
     torch.manual_seed(train["seed"])
     device = pick_device(train["device"])
     if train["precision"] == "fp16" and device.type != "cuda":
         raise UserError("train.precision fp16 needs CUDA; use bf16 or fp32 on this machine")
-    import torch.distributed as dist
-    distributed = dist.is_available() and dist.is_initialized()
-    train_loader, test_loader, info = build_loaders(data["data"], seed=train["seed"], distributed=distributed)
+    if train["sync_bn"] and world > 1 and device.type != "cuda":
+        raise UserError("train.sync_bn needs CUDA devices (SyncBatchNorm has no CPU kernel); set it to false")
+    train_loader, test_loader, info = build_loaders(_per_rank(data["data"], world), seed=train["seed"],
+                                                    distributed=world > 1, device=device)
     leaf = (data.get("trace") or {}).get("leaf_modules", [])
-    summary["device"] = str(device)
+    summary["device"] = str(device) + (f" x{world}" if world > 1 else "")
 
     teacher = prepare_teacher(spec, runs_dir, info.num_classes, log, echo)
     torch.manual_seed(train["seed"])  # a teacher trained first (from_spec) must not change the student's RNG
@@ -355,99 +385,71 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
         ckpt.load_weights(student, data["student"]["checkpoint"])
     summary["student_params"] = param_count(student)
     summary["teacher_params"] = param_count(teacher) if teacher is not None else None
+    if train["sync_bn"] and world > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if rank:  # ranks draw their own random numbers (DDP has already made the models equal)
+        torch.manual_seed(train["seed"] + 1000003 * rank)
 
-    t_rows = layers(teacher, info.input_shape, leaf) if teacher is not None else None
-    s_rows = layers(student, info.input_shape, leaf)
-    terms, problems = build_terms(data["loss"], teacher_rows=t_rows, student_rows=s_rows,
-                                  has_teacher=teacher is not None)
-    if problems:
-        from .errors import SpecError
-        raise SpecError([spec.problem(p, m) for p, m in problems])
-    terms = nn.ModuleList(terms)
-    s_names = sorted({s for t in terms for _, s in t.pairs})
-    t_names = sorted({t_ for t in terms for t_, _ in t.pairs})
-    student = student.to(device)
-    if train["channels_last"]:
-        student = student.to(memory_format=torch.channels_last)
-    s_fwd = _tapped(student, s_names, leaf)
-    t_fwd = None
-    needs_teacher = any(t.needs_teacher for t in terms)
+    memory_format = torch.channels_last if train["channels_last"] else torch.contiguous_format
+    student = student.to(device, memory_format=memory_format)
     if teacher is not None:
-        teacher = teacher.to(device)
-        t_fwd = _tapped(teacher, t_names, leaf)
+        teacher = teacher.to(device, memory_format=memory_format)
+    try:
+        distiller = Distiller(student, teacher, data["loss"], input_shape=info.input_shape, leaf_modules=leaf,
+                              log=log.line)
+    except TermProblems as e:
+        raise SpecError([spec.problem(p, m) for p, m in e.problems]) from None
+    if teacher is not None:
         if summary["teacher_top1"] is None:
-            summary["teacher_top1"] = evaluate(t_fwd, test_loader, device, train["precision"],
+            summary["teacher_top1"] = evaluate(teacher, test_loader, device, train["precision"],
                                                train["channels_last"])["test_top1"]
         log.line(f"teacher {data['teacher']['model']}: test top-1 {summary['teacher_top1']:.2f}%")
-        bn_train = any(t.teacher_bn_train for t in terms)
-        t_fwd.eval()
-        if bn_train:  # batch statistics, as Heo et al.; momentum 0 keeps the loaded running statistics
-            for m in teacher.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
-                    m.momentum = 0.0
-
-    # Shapes of every tap from one real forward of two samples; then each term builds its connectors.
-    x0 = next(iter(test_loader))[0][:2].to(device)
-    with torch.no_grad():
-        s_fwd.eval()
-        s_shapes = {k: tuple(v.shape[1:]) for k, v in s_fwd(x0)[1].items()}
-        t_shapes = {k: tuple(v.shape[1:]) for k, v in t_fwd(x0)[1].items()} if t_fwd is not None else {}
-    t_traced = trace(teacher) if teacher is not None else None
-
-    def teacher_features(names: list[str], batches: int = 4) -> dict:
-        probe = tap(teacher, names, leaf)
-        got: dict[str, list] = {n: [] for n in names}
-        with torch.no_grad():
-            for i, (x, _) in enumerate(train_loader):
-                if i == batches:
-                    break
-                for n, v in probe(x.to(device))[1].items():
-                    got[n].append(v.float())
-        return {n: torch.cat(v) for n, v in got.items()}
-
-    ctx = Setup(student=student, teacher=teacher, student_shapes=s_shapes, teacher_shapes=t_shapes,
-                teacher_node=t_traced.resolve if t_traced else None, teacher_features=teacher_features,
-                log=log.line)
-    for term in terms:
-        term.setup(ctx)
-    terms = terms.to(device)
-    params = [p for p in list(student.parameters()) + list(terms.parameters()) if p.requires_grad]
+    distiller.setup(_to(next(iter(test_loader))[0][:2], device, train["channels_last"]), batches=train_loader)
+    params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, train["optimizer"])
     scaler = torch.amp.GradScaler(device.type, enabled=train["precision"] == "fp16")
-    model_for_step = s_fwd
-    if distributed:
-        model_for_step = nn.parallel.DistributedDataParallel(s_fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if train["compile"]:
-        model_for_step = torch.compile(model_for_step)
-        if t_fwd is not None:
-            t_fwd = torch.compile(t_fwd)
+        distiller.compile_forwards()
+    step_fn = distiller
+    if world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
 
-    names = _term_names(data["loss"])
+    names = distiller.names
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
     if resume:
         saved = ckpt.load(rd.last, map_location=device)
         student.load_state_dict(saved["model"])
-        terms.load_state_dict(saved["terms"])
+        distiller.terms.load_state_dict(saved["terms"])
         optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
-        ckpt.set_rng_state(saved["rng"])
+        ranks = saved.get("ranks") or [{"rng": saved["rng"], "sums": state["sums"]}]
+        if len(ranks) == world:  # each rank continues its own random streams and partial epoch sums
+            ckpt.set_rng_state(ranks[rank]["rng"])
+            state["sums"] = ranks[rank]["sums"]
+        else:  # another process count: rank 0 carries the epoch's sums so far
+            ckpt.set_rng_state(saved["rng"])
+            if state["sums"] is not None:
+                state["sums"] = {k: sum(r["sums"][k] for r in ranks) if rank == 0 else 0 * v
+                                 for k, v in state["sums"].items()}
+            log.line(f"resuming with {world} process(es) from a checkpoint of {len(ranks)}: the data order is "
+                     f"exact, the augmentation random streams are not")
         summary.update({k: previous.get(k) for k in ("best_top1", "best_epoch", "final_top1") if k in previous})
+        if state["best"] >= 0 and summary.get("best_top1") is None:
+            summary.update(best_top1=state["best"], best_epoch=state["best_epoch"])
         summary["epochs_done"] = state["epoch"]
         log.line(f"resuming {rd.path} at epoch {state['epoch'] + 1}, step {state['step']}")
     log.line(f"{data['name']}: student {data['student']['model']} ({summary['student_params'] / 1e6:.2f}M params)"
              + (f", teacher {data['teacher']['model']}" if teacher is not None else "")
-             + f", loss {' + '.join(f'{t.weight:g}*{n}' for n, t in zip(names, terms))}, {device}, "
-             f"{train['precision']}")
-    for term, n in zip(terms, names):
-        if term.pairs:
-            log.line(f"  {n} positions (teacher -> student): " + ", ".join(f"{a} -> {b}" for a, b in term.pairs))
+             + f", {device}" + (f" x{world} processes" if world > 1 else "") + f", {train['precision']}")
+    for line in distiller.describe():
+        log.line(line)
 
     epochs, max_steps = train["epochs"], train["max_steps_per_epoch"]
     metrics_file = rd.path / "metrics.jsonl"
-    if _rank() == 0 and metrics_file.exists():  # rows past the checkpoint (killed before it was written)
+    if rank == 0 and metrics_file.exists():  # rows past the checkpoint (killed before it was written)
         kept = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["epoch"] <= state["epoch"]]
         metrics_file.write_text("".join(r + "\n" for r in kept))
     for epoch in range(state["epoch"], epochs):
@@ -455,10 +457,10 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
         train_loader.sampler.set_epoch(epoch)  # the full epoch's length, not a resumed epoch's remainder
         steps_in_epoch = len(train_loader) if max_steps is None else min(max_steps, len(train_loader))
         train_loader.sampler.set_epoch(epoch, state["step"] * train_loader.batch_size)
-        train_loader.generator.manual_seed(train["seed"] * 100003 + epoch)  # worker seeds: per epoch
-        s_fwd.train()
+        train_loader.generator.manual_seed(train["seed"] * 100003 + epoch + 7919 * rank)  # worker seeds
+        distiller.train()
         sums = state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, **{n: 0.0 for n in names}}
-        bar = _progress(steps_in_epoch, state["step"], f"epoch {epoch + 1}/{epochs}")
+        bar = _progress(steps_in_epoch, state["step"], f"epoch {epoch + 1}/{epochs}", rank == 0)
         step = state["step"]
         for x, y in train_loader:
             if step >= steps_in_epoch:
@@ -469,18 +471,10 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
                 g["lr"] = lr
             x, y = _to(x, device, train["channels_last"]), y.to(device, non_blocking=True)
             with autocast(device, train["precision"]):
-                t_logits, t_feats = (None, {})
-                if t_fwd is not None and needs_teacher:
-                    with torch.no_grad():
-                        t_logits, t_feats = t_fwd(x)
-                logits, feats = model_for_step(x)
-                out = Outputs(logits=logits, target=y, feats=feats, teacher_logits=t_logits,
-                              teacher_feats=t_feats, epoch=progress)
-                values = [term(out) for term in terms]
-                loss = sum(term.factor(progress) * v for term, v in zip(terms, values))
+                loss, parts, logits = step_fn(x, y, progress)
             if not torch.isfinite(loss):
                 raise NonFinite(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                f"({', '.join(f'{n}={v.item():.4g}' for n, v in zip(names, values))}); "
+                                f"({', '.join(f'{n}={v.item():.4g}' for n, v in parts.items())}); "
                                 + (f"the last good checkpoint is {rd.last}" if rd.last.exists() else
                                    "no checkpoint was written yet") + ". Lower train.optimizer.lr or a term's weight")
             optimizer.zero_grad(set_to_none=True)
@@ -494,16 +488,16 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             sums["loss"] += loss.item() * n
             sums["correct"] += accuracy(logits.detach().float(), y, 1)
             sums["seen"] += n
-            for name, v in zip(names, values):
+            for name, v in parts.items():
                 sums[name] += v.item() * n
             step += 1
             bar.update(1)
             bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {lr:.4g}", refresh=False)
             if not bar.interactive and step % spec.data["log"]["every"] == 0:
                 log.line(f"epoch {epoch + 1} step {step}/{steps_in_epoch} loss {sums['loss'] / sums['seen']:.4f}")
-            if signals.stop:  # after a step, before the next batch is drawn (and augmented with the RNG)
+            if _any(signals.stop, device, world):  # after a step, before the next batch is drawn and augmented
                 state.update(epoch=epoch, step=step, sums=sums)
-                _save(rd.last, student, terms, optimizer, scaler, state, spec)
+                _save(rd.last, student, distiller.terms, optimizer, scaler, state, spec)
                 bar.close()
                 raise Stopped()
         bar.close()
@@ -514,7 +508,7 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
         row = {"epoch": epoch + 1, "lr": lr_at(epoch, train), "loss": totals[0].item() / seen,
                **{f"loss/{n}": totals[3 + i].item() / seen for i, n in enumerate(names)},
                "train_top1": 100 * totals[1].item() / seen}
-        row.update(evaluate(s_fwd, test_loader, device, train["precision"], train["channels_last"]))
+        row.update(evaluate(student, test_loader, device, train["precision"], train["channels_last"]))
         if info.num_classes <= 10:
             row.pop("test_top5")
         row["seconds"] = round(time.time() - t0, 2)
@@ -522,13 +516,13 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
         if improved:
             state.update(best=row["test_top1"], best_epoch=epoch + 1)
         state.update(epoch=epoch + 1, step=0, sums=None)
-        if _rank() == 0:
+        _save(rd.last, student, distiller.terms, optimizer, scaler, state, spec)
+        if improved:
+            _save(rd.best, student, distiller.terms, None, None, state, spec)
+        if rank == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             log.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
-            _save(rd.last, student, terms, optimizer, scaler, state, spec)
-            if improved:
-                _save(rd.best, student, terms, None, None, state, spec)
             summary.update(epochs_done=epoch + 1, best_top1=state["best"], best_epoch=state["best_epoch"],
                            final_top1=row["test_top1"])
             rd.write_summary(summary)
@@ -536,20 +530,42 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
                  f"test {row['test_top1']:.2f}% (best {state['best']:.2f}%) {row['seconds']:.1f}s")
 
 
-def _term_names(loss: list[dict]) -> list[str]:
-    names, seen = [], {}
-    for t in loss:
-        base = t["method"].rsplit(":", 1)[-1].lower()
-        names.append(base if base not in seen else f"{base}_{seen[base]}")
-        seen[base] = seen.get(base, 0) + 1
-    return names
+def _per_rank(cfg: dict, world: int) -> dict:
+    """The data block with each rank's share of the (global) batch sizes."""
+    if world == 1:
+        return cfg
+    cfg = dict(cfg)
+    for key in ("batch_size", "test_batch_size"):
+        if cfg.get(key):
+            if cfg[key] % world:
+                raise UserError(f"data.{key} {cfg[key]} is the global batch size and must divide evenly over "
+                                f"{world} processes")
+            cfg[key] //= world
+    return cfg
+
+
+def _any(flag: bool, device, world: int) -> bool:
+    """``flag`` on any rank (every rank must stop at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    _all_reduce(t)
+    return bool(t.item())
 
 
 def _save(path: Path, student, terms, optimizer, scaler, state, spec) -> None:
+    """Write a checkpoint from rank 0 (every rank must call it: the RNG states of all ranks are gathered)."""
+    mine = {"rng": ckpt.rng_state(), "sums": state["sums"]}  # what differs between ranks
+    ranks = [mine]
+    if _world() > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * _world()
+        dist.all_gather_object(ranks, mine)
     if _rank() != 0:
         return
-    obj = {"model": student.state_dict(), "terms": terms.state_dict(), "state": state, "rng": ckpt.rng_state(),
-           "spec": spec.data, "format": "kdgraph-1"}
+    obj = {"model": student.state_dict(), "terms": terms.state_dict(), "state": state, "rng": ranks[0]["rng"],
+           "ranks": ranks, "spec": spec.data, "format": "kdgraph-1"}
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
         obj["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
@@ -559,8 +575,8 @@ def _save(path: Path, student, terms, optimizer, scaler, state, spec) -> None:
 class _progress:
     """A tqdm bar on a terminal; a silent counter otherwise (plain log lines are printed instead)."""
 
-    def __init__(self, total: int, initial: int, desc: str):
-        self.interactive = sys.stderr.isatty()
+    def __init__(self, total: int, initial: int, desc: str, main: bool = True):
+        self.interactive = main and sys.stderr.isatty()
         self.bar = None
         if self.interactive:
             from tqdm import tqdm

@@ -77,7 +77,7 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, DatasetInf
 
 
 def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0,
-                  distributed: bool = False) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+                  distributed: bool = False, device=None) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """``(train_loader, test_loader, info)``: a shuffled training loader and an ordered test loader."""
     train_set, test_set, info = build_datasets(cfg)
     batch_size = int(cfg.get("batch_size") or 128)
