@@ -15,7 +15,7 @@ Use it in your own training loop, no spec needed::
 The loss entries are those of a spec's ``loss:`` list (``method``, ``weight``, ``positions``, parameters).
 The teacher stays in eval mode with frozen parameters and runs under ``no_grad``, computing its taps only
 when a term needs it; a term may ask for its BatchNorm to use batch statistics (Heo et al.), which
-:meth:`Distiller.train` keeps with momentum 0 so the loaded running statistics never move.
+:meth:`Distiller.train` sets up without updating the loaded running statistics.
 """
 from __future__ import annotations
 
@@ -102,11 +102,11 @@ class Distiller(nn.Module):
         self.terms.train(mode)
         if self.teacher is not None:
             self.teacher.eval()
-            if self.teacher_bn_train:  # batch statistics; momentum 0 keeps the loaded running statistics
+            if self.teacher_bn_train:  # batch statistics, and the loaded running statistics never move
                 for m in self.teacher.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.train()
-                        m.momentum = 0.0
+                        m.train(mode)
+                        m.track_running_stats = False  # no buffer writes (eval still uses the running stats)
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:

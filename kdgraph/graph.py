@@ -426,9 +426,13 @@ def _propagate(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> dict
             values[n] = out
             return out
 
+    buffers = [(b, b.clone()) for b in model.buffers() if b.device.type != "meta"]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             Recorder(gm).run(mode.from_tensor(example))
+        with torch.no_grad():  # small buffers (BatchNorm's num_batches_tracked) can be updated for real
+            for b, saved in buffers:
+                b.copy_(saved)
     except Exception:  # e.g. a leaf module with data-dependent control flow: run it for real, leave no trace
         buffers = {k: v.clone() for k, v in model.state_dict().items()}
         values.clear()

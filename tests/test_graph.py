@@ -230,3 +230,13 @@ def test_stage_ends():
 def test_trace_is_per_mode_and_reports_modules():
     traced = trace(torchvision.models.resnet18())
     assert "layer1.0" in traced.modules and "layer1.0.relu_1" in traced.nodes
+
+
+def test_layers_leaves_every_buffer_of_a_training_model_untouched():
+    from kdgraph.models import build_model
+
+    model = build_model("wrn-10-1", num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kdgraph.layers(model, (3, 16, 16))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # num_batches_tracked included
