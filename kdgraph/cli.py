@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     _specs_arg(p, many=False)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--jobs", type=int, default=None, help="cells at a time on CPU (default 1)")
-    p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1 (default: all visible)")
+    p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1, or cpu (default: all visible GPUs)")
     p.add_argument("--force", action="store_true", help="re-run finished cells")
 
     p = sub.add_parser("report", help="tables and learning curves of run directories")
@@ -213,8 +213,8 @@ def cmd_models(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
-    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
-    run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=devices, runs_dir=args.runs_dir, force=args.force)
+    run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=args.devices, runs_dir=args.runs_dir,
+              force=args.force)
     return 0
 
 

@@ -337,6 +337,12 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
                "methods": [t["method"] for t in data["loss"]], "epochs": data["train"]["epochs"],
                "epochs_done": 0, "best_top1": None, "best_epoch": None, "final_top1": None,
                "teacher_top1": previous.get("teacher_top1") if resume else None}
+    if resume:
+        summary.update({k: previous[k] for k in ("epochs_done", "best_top1", "best_epoch", "final_top1")
+                        if previous.get(k) is not None})
+    summary["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if main:  # a run is visible (and protected from a second start) from its first second
+        rd.write_summary(summary)
     start = time.time()
     try:
         with _Signals() as signals:

@@ -244,7 +244,19 @@ def _explain(spec: Spec, error: jsonschema.ValidationError) -> list[tuple]:
                                    f"got {error.instance!r}")]
     if error.validator == "required":
         return [spec.problem(path, error.message.replace("property", "key"))]
+    if error.validator == "type" and isinstance(error.instance, str) and _looks_numeric(error.instance):
+        return [spec.problem(path, f"{error.message}: YAML (1.1, as PyYAML reads it) takes {error.instance!r} "
+                                   f"for text; write exponents with a dot and a sign (1.0e-3, 5.0e+4) or "
+                                   f"plain decimals (0.001)")]
     return [spec.problem(path, error.message)]
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def apply_defaults(data: dict, sch: dict | None = None) -> None:
