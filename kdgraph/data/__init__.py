@@ -29,6 +29,12 @@ Loaders: :func:`build_loaders` shuffles the training set in an order fixed by th
 (and the seeds of worker processes) repeat for a given ``seed``; with ``distributed=True`` it uses
 shards of the same order across ranks. Both use :class:`EpochSampler`: call
 ``train_loader.sampler.set_epoch(epoch)`` before each epoch (the order is a function of seed and epoch).
+
+The spec's ``data.loader`` picks the loader: ``workers`` (default) is a torch ``DataLoader`` running the
+per-sample torchvision transforms in ``workers`` processes; ``tensor`` is a
+:class:`~kdgraph.data.tensor.TensorLoader` holding the whole data set on the training device and augmenting
+it there in batches (CIFAR-sized data sets; see :mod:`kdgraph.data.tensor` for which data sets it takes and
+the ``tensor_source()`` hook for your own).
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from ..errors import UserError, did_you_mean
 from .base import DATASETS, DatasetInfo
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
 
-__all__ = ["DATASETS", "DatasetInfo", "build_datasets", "build_loaders", "seed_worker"]
+__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "build_datasets", "build_loaders", "seed_worker"]
 
 _BUILDER_ARGS = ("root", "train", "augment", "download")
 
@@ -76,20 +82,33 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, DatasetInf
     return train_set, test_set, info
 
 
-def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0,
-                  distributed: bool = False, device=None) -> tuple[DataLoader, DataLoader, DatasetInfo]:
-    """``(train_loader, test_loader, info)``: a shuffled training loader and an ordered test loader."""
+LOADERS = ("workers", "tensor")
+
+
+def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = False,
+                  device: torch.device | str | None = None) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+    """``(train_loader, test_loader, info)``: a shuffled training loader and an ordered test loader.
+
+    With ``loader: tensor`` both are :class:`~kdgraph.data.tensor.TensorLoader` s whose data and batches live
+    on ``device`` (default: the CPU); the ``workers`` loaders ignore ``device`` (batches come on the CPU).
+    """
+    kind = cfg.get("loader") or "workers"
+    if kind not in LOADERS:
+        raise UserError(f"data.loader must be one of {', '.join(LOADERS)}, not {kind!r}{did_you_mean(kind, LOADERS)}")
     train_set, test_set, info = build_datasets(cfg)
     batch_size = int(cfg.get("batch_size") or 128)
     test_batch_size = int(cfg.get("test_batch_size") or 2 * batch_size)
     workers = int(cfg["workers"] if cfg.get("workers") is not None else 4)
+    rank, world = _rank_world() if distributed else (0, 1)
+    if kind == "tensor":
+        return (*_tensor_loaders(cfg, train_set, test_set, info, batch_size, test_batch_size, workers, seed,
+                                 rank, world, device), info)
     pin_memory = cfg.get("pin_memory")
     persistent = cfg.get("persistent_workers")
     common = dict(num_workers=workers, worker_init_fn=seed_worker,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
                   persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
 
-    rank, world = _rank_world() if distributed else (0, 1)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(
         len(train_set), seed=seed, shuffle=True, rank=rank, world=world), drop_last=False,
         generator=torch.Generator().manual_seed(seed + rank), **common)
@@ -97,6 +116,24 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0,
         len(test_set), shuffle=False, rank=rank, world=world),
         generator=torch.Generator().manual_seed(seed), **common)
     return train_loader, test_loader, info
+
+
+def _tensor_loaders(cfg, train_set, test_set, info: DatasetInfo, batch_size: int, test_batch_size: int,
+                    workers: int, seed: int, rank: int, world: int, device):
+    from .tensor import TensorLoader, tensor_source
+
+    loaders = []
+    for split, dataset, size, shuffle in (("training", train_set, batch_size, True),
+                                          ("test", test_set, test_batch_size, False)):
+        name = f"the {split} set of {cfg['dataset']!r}"
+        source = tensor_source(dataset, name=name, workers=workers)
+        if tuple(source.images.shape[1:]) != tuple(info.input_shape):
+            raise UserError(f"loader: tensor: {name} holds images of shape {tuple(source.images.shape[1:])}, "
+                            f"not the dataset's input_shape {tuple(info.input_shape)}; use `loader: workers`")
+        sampler = EpochSampler(len(source.images), seed=seed, shuffle=shuffle, rank=rank, world=world)
+        loaders.append(TensorLoader(source, size, sampler, device=device, dataset=dataset,
+                                    generator=torch.Generator().manual_seed(seed + rank if shuffle else seed)))
+    return loaders
 
 
 class EpochSampler(torch.utils.data.Sampler):

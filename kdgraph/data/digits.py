@@ -58,6 +58,7 @@ class TensorImageDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, shift: int = 0):
         mean_t = torch.tensor(mean).view(1, -1, 1, 1)
         std_t = torch.tensor(std).view(1, -1, 1, 1)
+        self.raw, self.mean, self.std = images, tuple(mean), tuple(std)
         self.images = (images - mean_t) / std_t
         self.labels = labels
         self.targets = labels.tolist()
@@ -71,6 +72,13 @@ class TensorImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def tensor_source(self):
+        """For ``loader: tensor``: the [0, 1] float images (not quantised), shifts as crops of a black border."""
+        from .tensor import TensorSource
+
+        return TensorSource(self.raw, self.labels, self.mean, self.std, crop_padding=self.shift,
+                            padding_mode="constant", fill=0.0)
 
     def __getitem__(self, index: int):
         image, label = self.__getitems__([index])[0]
