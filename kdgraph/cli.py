@@ -70,11 +70,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--only", default="abcd", help="which figures: any of a, b, c, d (default: all)")
     p.add_argument("--out", default="bench.json", help="where the JSON goes (default: bench.json)")
+    p.add_argument("--teacher", default="wrn-28-4", help="teacher model for figures a, b, d (default: wrn-28-4)")
+    p.add_argument("--student", default="wrn-16-2", help="student model for figures a, b, d (default: wrn-16-2)")
+    p.add_argument("--step-batch", type=int, default=None, help="batch of the step figures b, d (default: "
+                   "--batch on CUDA, half of it on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("run", "sweep", "bench"):
+        from .runtime import tune_allocator
+
+        tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/runtime.py)
     try:
         return int(COMMANDS[args.command](args) or 0)
     except SpecError as e:

@@ -262,3 +262,20 @@ def test_python_dash_m_help():
     assert "usage: kdgraph" in res.stdout
     for command in ("run", "validate", "schema", "layers", "models"):
         assert command in res.stdout
+
+
+def test_tune_allocator_applies_on_glibc_and_respects_the_user(monkeypatch):
+    import platform
+
+    from kdgraph.runtime import tune_allocator
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    if platform.libc_ver()[0] == "glibc":
+        assert tune_allocator() is True
+    monkeypatch.setenv("KDGRAPH_MALLOC", "default")
+    assert tune_allocator() is False
+    monkeypatch.delenv("KDGRAPH_MALLOC")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_allocator() is False
