@@ -242,6 +242,8 @@ def _explain(spec: Spec, error: jsonschema.ValidationError) -> list[tuple]:
             return _explain(spec, best)
         return [spec.problem(path, f"expected {error.schema.get('description') or 'a valid value'}, "
                                    f"got {error.instance!r}")]
+    if error.validator == "pattern" and error.schema.get("description"):
+        return [spec.problem(path, f"{error.instance!r} is not valid here: {error.schema['description']}")]
     if error.validator == "required":
         return [spec.problem(path, error.message.replace("property", "key"))]
     if error.validator == "type" and isinstance(error.instance, str) and _looks_numeric(error.instance):

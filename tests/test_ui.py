@@ -1,0 +1,465 @@
+"""The web UI without a browser: form <-> spec, validation, layer tables, run views, handlers and the job
+queue (with a stand-in engine that trains nothing)."""
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'kdgraph[ui]'")
+
+import gradio as gr  # noqa: E402
+
+from kdgraph import spec as specs  # noqa: E402
+from kdgraph.cli import main as cli_main  # noqa: E402
+from kdgraph.errors import UserError  # noqa: E402
+from kdgraph.ui import forms, jobs, runs  # noqa: E402
+from kdgraph.ui.handlers import Handlers  # noqa: E402
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+# Stands in for `python -m kdgraph`: its "spec" is JSON saying how to behave. It writes what a run writes
+# (summary.json, metrics.jsonl, a checkpoint on SIGTERM) and records its command line and environment.
+FAKE_ENGINE = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+cfg = json.loads(Path(args[1]).read_text() or "{}")
+out = Path(args[args.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "fake.json").write_text(json.dumps({"argv": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                           "omp": os.environ.get("OMP_NUM_THREADS")}))
+stop = []
+signal.signal(signal.SIGTERM, signal.SIG_IGN if cfg.get("ignore_term") else (lambda *a: stop.append(1)))
+last = out / "checkpoints" / "last.pt"
+first = int(last.read_text()) if "--resume" in args and last.exists() else 0
+epochs = cfg.get("epochs", 2)
+summary = {"name": out.name, "status": "running", "epochs": epochs, "epochs_done": first, "best_top1": None}
+
+def write(**kw):
+    summary.update(kw)
+    (out / "summary.json").write_text(json.dumps(summary))
+
+write()
+print(f"fake: epochs {first + 1}..{epochs}", flush=True)
+for epoch in range(first, epochs):
+    end = time.time() + cfg.get("epoch_seconds", 0.1)
+    while time.time() < end:
+        if stop:
+            last.parent.mkdir(exist_ok=True)
+            last.write_text(str(epoch))
+            write(status="stopped")
+            sys.exit(130)
+        time.sleep(0.01)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch + 1, "loss": 1 / (epoch + 1), "loss/ce": 0.5, "train_top1": 50.0,
+                            "test_top1": 10.0 * (epoch + 1), "test_loss": 2.0, "seconds": 0.1}) + "\n")
+    write(epochs_done=epoch + 1, best_top1=10.0 * (epoch + 1), final_top1=10.0 * (epoch + 1))
+if cfg.get("exit"):
+    print("kdgraph: error: the fake engine fails as asked", file=sys.stderr)
+    write(status="failed", error="asked to fail")
+    sys.exit(cfg["exit"])
+write(status="finished", wall_seconds=1.0)
+'''
+
+
+@pytest.fixture
+def make_manager(tmp_path):
+    """JobManagers on ``tmp_path/runs`` running the fake engine; their jobs are killed afterwards."""
+    engine = tmp_path / "fake_engine.py"
+    engine.write_text(FAKE_ENGINE)
+    made = []
+
+    def make(**kw):
+        kw = {"cpu_slots": 1, "gpu_count": 0, "stop_timeout": 10.0, "background": False,
+              "engine": [sys.executable, str(engine)], **kw}
+        manager = jobs.JobManager(tmp_path / "runs", **kw)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        for job in manager.snapshot().values():
+            if job["state"] in ("running", "stopping") and jobs._alive(job["pid"], job["pid_start"]):
+                jobs.kill_tree(job["pid"])
+        if not manager._lock_file.closed:
+            manager.close()
+
+
+def wait_for(manager, predicate, timeout=20.0):
+    """Tick ``manager`` until ``predicate()`` holds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        manager.tick()
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; jobs: {manager.snapshot()}")
+
+
+def state(manager, name):
+    return manager.snapshot()[name]["state"]
+
+
+def canonical(data: dict) -> dict:
+    """A loaded spec with ``weight: null`` dropped (null and absent both mean the canonical weight)."""
+    data = json.loads(json.dumps(data))
+    for term in data.get("loss", []):
+        if term.get("weight", 0) is None:
+            del term["weight"]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- forms
+@pytest.mark.parametrize("choice", forms.spec_choices(SPECS))
+def test_load_then_save_gives_an_equivalent_spec(choice, tmp_path):
+    data = forms.load_spec(SPECS, choice)
+    saved, problems = forms.form_to_spec(forms.spec_to_form(data))
+    assert problems == []
+    reloaded = specs.load_all(SPECS / "saved.yaml", (), text=forms.spec_yaml(saved))[0].data
+    assert canonical(reloaded) == canonical(data)
+
+
+def test_building_at_wrn_in_the_form_gives_its_spec():
+    """What a person clicks to rebuild specs/at_wrn.yaml from a new spec."""
+    h = Handlers(SPECS, "runs-unused", manager=None)
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    form.update({"name": "at_wrn", "description": "at WRN-28-4 -> WRN-16-2 on CIFAR-100 (original reported "
+                                                  "73.10); = at_wrn-28-4_wrn-16-2.",
+                 "data.dataset": "cifar100", "data.root": "data/cifar100", "data.batch_size": 128,
+                 "data.workers": 4, "teacher.model": "wrn-28-4",
+                 "teacher.from_spec": "teacher_wrn-28-4_cifar100.yaml", "student.model": "wrn-16-2",
+                 "train.epochs": 200, "train.optimizer.lr": 0.1, "train.schedule.name": "multistep",
+                 "train.schedule.milestones": "60, 120, 160", "train.schedule.gamma": 0.2})
+    form["loss.0.weight"] = "1.0"
+    keys = [f"loss.{i}.{k}" for i in range(forms.MAX_TERMS) for k in forms.TERM_KEYS]
+    count, *terms = h.add_term(form["loss.count"], form["teacher.model"])
+    form["loss.count"] = count
+    form.update({k: v for k, v in zip(keys, terms) if v != gr.skip()})
+    form["loss.1.method"] = "at"
+    form["loss.1.weight"], form["loss.1.params"], form["loss.1.positions"] = h.method_changed(
+        "at", form["loss.1.params"])
+    text, problems = h.preview("at_wrn.yaml", *h.values(form))
+    assert problems == "valid"
+    built = specs.load_all(SPECS / "at_wrn.yaml", (), text=text)[0].data
+    assert built == specs.load_all(SPECS / "at_wrn.yaml")[0].data
+    assert "positions: auto" in text and "weight: 1000.0" in text
+
+
+def test_validation_matches_kdgraph_validate(tmp_path, capsys):
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    form.update({"student.model": "wrn-15-2", "loss.count": 2, **forms.new_term(1, "kd")})
+    form["loss.1.params"] = [["temprature", "4", ""]]
+    text, problems = forms.preview(form, tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(text)
+    assert cli_main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert problems == capsys.readouterr().err.strip().splitlines()
+    assert any("student.model" in p for p in problems)
+    assert any("did you mean 'temperature'" in p for p in problems)
+
+
+def test_form_problems_are_named_and_the_rest_still_builds():
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    form.update({"teacher.model": "wrn-16-2", "teacher.kwargs": "{a: [", "train.optimizer.betas": "0.9, x",
+                 "train.grad_clip": "lots", "data.test_batch_size": "256"})
+    data, problems = forms.form_to_spec(form)
+    assert [p.split(":")[0] for p in problems] == ["teacher.kwargs", "train.optimizer.betas", "train.grad_clip"]
+    assert data["data"]["test_batch_size"] == 256 and data["teacher"] == {"model": "wrn-16-2"}
+    form["loss.0.positions"], form["loss.0.pairs"] = "pairs", [["block1", ""]]
+    assert any("every pair needs" in p for p in forms.form_to_spec(form)[1])
+
+
+def test_no_teacher_drops_the_teacher_fields_and_defaults_are_not_written():
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    form.update({"teacher.model": forms.NO_TEACHER, "teacher.checkpoint": "t.pt"})
+    data, _ = forms.form_to_spec(form)
+    assert "teacher" not in data and "log" not in data and "trace" not in data
+    assert data["train"] == {"epochs": 15, "optimizer": {"lr": 0.05}, "schedule": {"name": "cosine"}}
+
+
+def test_spec_files_load_save_and_launch_text(tmp_path):
+    choices = forms.spec_choices(SPECS)
+    assert "quickstart.yaml#quickstart-kd" in choices and "at_wrn.yaml" in choices
+    assert "kd_grid.yaml" in forms.sweep_files(SPECS) and "at_wrn.yaml" not in forms.sweep_files(SPECS)
+    data = forms.load_spec(SPECS, "quickstart.yaml#quickstart-kd")
+    assert data["teacher"]["from_spec"] == "quickstart.yaml#quickstart-teacher"
+    launched = yaml_load(forms.launch_text(data, SPECS))
+    assert launched["teacher"]["from_spec"] == f"{(SPECS / 'quickstart.yaml').resolve()}#quickstart-teacher"
+    with pytest.raises(UserError, match="name the file too"):
+        forms.launch_text({**data, "teacher": {"model": "wrn-16-2", "from_spec": "#x"}}, SPECS)
+    with pytest.raises(UserError, match="no spec named"):
+        forms.load_spec(SPECS, "quickstart.yaml#nope")
+    path = forms.save_spec(tmp_path, "a.yaml", "name: a\n")
+    assert path.read_text() == "name: a\n" and forms.save_spec(tmp_path, "a.yaml", "name: a\n") == path
+    with pytest.raises(UserError, match="overwrite"):
+        forms.save_spec(tmp_path, "a.yaml", "name: b\n")
+    forms.save_spec(tmp_path, "a.yaml", "name: b\n", overwrite=True)
+    with pytest.raises(UserError, match="file name"):
+        forms.save_spec(tmp_path, "../a.yaml", "x")
+
+
+def yaml_load(text):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_layer_tables_filters_and_auto_positions():
+    form = forms.spec_to_form(forms.load_spec(SPECS, "at_wrn.yaml"))
+    teacher, student, notes = forms.form_layers(form)
+    assert notes == [] and teacher[0]["name"] == "conv1"
+    pre = forms.layer_table(student, "block3.0.relu1")
+    assert [r[0] for r in pre] == ["block3.0.relu1:pre", "block3.0.relu1"] and pre[0][2:] == ["pre", "64x16x16"]
+    assert [r[0] for r in forms.layer_table(student, "block3.0.relu1", pre=False)] == ["block3.0.relu1"]
+    info = forms.term_info(form, 1, teacher, student)
+    assert "**auto chose**" in info and "`block3` → `block3`" in info
+    assert "works on the logits" in forms.term_info(form, 0, teacher, student)
+    form["student.model"] = "nonet"
+    assert forms.form_layers(form)[1] is None and "unknown model" in forms.form_layers(form)[2][0]
+    assert "size` (default 16)" in forms.dataset_options("digits")
+
+
+# ------------------------------------------------------------------------------------------- handlers
+def test_handlers_build_events(tmp_path):
+    h = Handlers(tmp_path, tmp_path / "runs", manager=None)
+    values = h.new_spec()
+    form = h.form(values[:len(forms.FIELDS)])
+    assert values[-2:] == ("my-run.yaml", "new spec")
+    assert h.preview("my-run.yaml", *h.values(form))[1] == "valid"
+    weight, rows, positions = h.method_changed("kd", [["warmup_epochs", "2", "0.0"], ["label_smoothing", "", "0.0"]])
+    assert (weight, positions) == ("0.9", "auto")
+    assert rows == [["warmup_epochs", "2", "0.0"], ["temperature", "", "4.0"]]
+    pairs, mode = h.add_pair("block1", "block2", [["a", "b"], ["", ""]])
+    assert pairs == [["a", "b"], ["block1", "block2"]] and mode == "pairs"
+    form.update({"loss.count": 3, **forms.new_term(1, "kd"), **forms.new_term(2, "at")})
+    slots = [form[f"loss.{i}.{k}"] for i in range(forms.MAX_TERMS) for k in forms.TERM_KEYS]
+    count, *terms = h.remove_term(0, 3, *slots)
+    assert count == 2 and terms[0] == "kd" and terms[5] == "at" and terms[10] == ""
+    t_table, s_table, note, *taps = h.trace("conv1", True, *h.values(form))
+    assert t_table == [] and [r[0] for r in s_table][:2] == ["conv1", "block1.0.conv1"] and "no teacher" in note
+    assert len(taps) == 2 * forms.MAX_TERMS and "conv1" in taps[1]["choices"][0]
+    views = h.term_views(*h.values({**form, "loss.count": 2, **forms.new_term(1, "at")}))
+    assert [v["visible"] for v in views[:8:4]] == [True, True] and views[5]["visible"] is True
+    assert "auto positions show once both models trace" in views[7]
+    message, choices = h.save("my-run.yaml", False, *h.values(form))
+    assert message.startswith("saved") and "my-run.yaml" in choices["choices"]
+    assert h.save("my-run.yaml", False, *h.values({**form, "name": "other"}))[0].startswith("⚠")
+    assert h.load("missing.yaml")[-1].startswith("⚠")
+    loaded = h.load("my-run.yaml")
+    assert h.form(loaded[:len(forms.FIELDS)])["loss.count"] == 3
+
+
+def test_handlers_start_and_follow_a_run(tmp_path, make_manager):
+    manager = make_manager()
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    message, tab, _ = h.start("my-run.yaml", [], False, *h.values({**form, "student.model": "nonet"}))
+    assert message.startswith("⚠ the spec has 1 problem(s)") and tab == gr.skip()
+    # the fake engine reads its launch spec as JSON: a valid kdgraph spec is not, so give it its own text
+    manager.submit_run("my-run", json.dumps({"epochs": 3, "epoch_seconds": 0.3}))
+    wait_for(manager, lambda: state(manager, "my-run") == "running")
+    panel = h.run_panel("my-run", "")
+    assert "my-run: running" in panel[0] and panel[1] is None and panel[-1] == "my-run|"
+    wait_for(manager, lambda: (tmp_path / "runs" / "my-run" / "metrics.jsonl").exists())
+    panel = h.run_panel("my-run", panel[-1])
+    assert panel[1] is None  # new series: cleared first ...
+    panel = h.run_panel("my-run", panel[-1])
+    assert set(panel[1]["series"]) == {"loss", "loss/ce", "test_loss"}  # ... drawn next time
+    assert set(panel[2]["series"]) == {"train_top1", "test_top1"}
+    assert h.stop("my-run").startswith("my-run: asked to stop")
+    wait_for(manager, lambda: state(manager, "my-run") == "ended")
+    status = h.run_status("my-run")
+    assert status["status"] == "stopped" and status["exit"] == 130 and status["can_resume"]
+    assert h.resume("my-run").startswith("my-run: resuming")
+    wait_for(manager, lambda: state(manager, "my-run") == "ended")
+    assert h.run_status("my-run")["status"] == "finished"
+    assert h.runs_table()[0][:3] == ["my-run", "finished", "3/3"]
+    assert h.run_status("nope") == {"error": f"no run 'nope' in {tmp_path / 'runs'}"}
+
+
+def test_handlers_start_refuses_what_it_cannot_run(tmp_path, make_manager):
+    manager = make_manager()
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
+    form = forms.spec_to_form(forms.NEW_SPEC)
+    sweep = h.start("my-run.yaml", [], False, *h.values({**form, "sweep": "train.seed: [0, 1]\n"}))
+    assert "Sweeps tab" in sweep[0]
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    (tmp_path / "runs" / "my-run" / "summary.json").write_text('{"status": "finished"}')
+    assert "already holds a run" in h.start("my-run.yaml", [], False, *h.values(form))[0]
+    assert h._gpus([1, 0], {"train": {"device": "auto"}}) == [1, 0]
+    assert h._gpus([], {"train": {"device": "auto"}}) is None and h._gpus([0], {"train": {"device": "cpu"}}) == []
+
+
+# ------------------------------------------------------------------------------------------- run views
+def test_progress_eta_curves_and_statuses():
+    metrics = [{"epoch": 1, "loss": 2.0, "loss/kd": 0.5, "test_top1": 10.0, "train_top1": 9.0, "seconds": 10.0},
+               {"epoch": 2, "loss": 1.5, "loss/kd": 0.4, "test_top1": 20.0, "train_top1": 19.0, "seconds": 20.0}]
+    job = {"state": "running", "started": 100.0, "base_seconds": 50.0}
+    p = runs.progress({"epochs": 5, "epochs_done": 2}, metrics, job, now=160.0)
+    assert p == {"epoch": 2, "epochs": 5, "elapsed": 110.0, "remaining": 45.0}
+    assert runs.progress_text(p, "running") == "epoch 2/5 · elapsed 0:01:50 · about 0:00:45 left"
+    done = runs.progress({"epochs": 5, "epochs_done": 5, "wall_seconds": 61}, metrics, None)
+    assert runs.progress_text(done, "finished") == "epoch 5/5 · elapsed 0:01:01"
+    loss, acc = runs.curves(metrics)
+    assert {r["series"] for r in loss} == {"loss", "loss/kd"}
+    assert {r["series"] for r in acc} == {"test_top1", "train_top1"}
+    ended = {"state": "ended", "exit": None}
+    assert runs.run_status({"status": "running"}, {**ended, "exit": -9}) == "killed"
+    assert runs.run_status({}, {**ended, "exit": 2}) == "failed"
+    assert runs.run_status({"status": "running"}, {**ended, "exit": 130}) == "stopped"
+    assert runs.run_status({"status": "stopped"}, {"state": "queued"}) == "queued"
+    assert runs.run_status({"status": "finished"}, None) == "finished"
+    assert runs.run_status({}, {"state": "cancelled"}) == "cancelled"
+    assert runs.run_status({"status": "running"}, ended) == "interrupted"
+
+
+def test_tail_reads_the_end(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(f"line {i}\n" for i in range(20000)))
+    assert runs.tail(log, 2) == "line 19998\nline 19999" and runs.tail(tmp_path / "none") == ""
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def test_queue_one_cpu_slot_stop_and_next_starts(tmp_path, make_manager):
+    manager = make_manager(cpu_slots=1)
+    manager.submit_run("a", json.dumps({"epochs": 50, "epoch_seconds": 0.2}))
+    manager.submit_run("b", json.dumps({"epochs": 1}))
+    assert state(manager, "a") == "running" and state(manager, "b") == "queued"
+    wait_for(manager, lambda: (tmp_path / "runs" / "a" / "summary.json").exists())
+    fake = json.loads((tmp_path / "runs" / "a" / "fake.json").read_text())
+    assert fake["argv"][:2] == ["run", str(tmp_path / "runs" / "a" / jobs.LAUNCH_SPEC)]
+    assert fake["argv"][2:] == ["--out", str(tmp_path / "runs" / "a"), "--runs-dir", str(tmp_path / "runs")]
+    assert fake["cuda"] == "" and int(fake["omp"]) >= 1
+    pid = manager.snapshot()["a"]["pid"]
+    import os
+
+    assert os.getpgid(pid) == pid  # its own process group
+    manager.stop("a")
+    wait_for(manager, lambda: state(manager, "b") == "running")
+    a = manager.snapshot()["a"]
+    assert a["exit"] == 130 and (tmp_path / "runs" / "a" / "checkpoints" / "last.pt").exists()
+    wait_for(manager, lambda: state(manager, "b") == "ended")
+    assert manager.snapshot()["b"]["exit"] == 0
+    assert "fake: epochs 1..50" in (tmp_path / "runs" / "a" / jobs.OUTPUT_LOG).read_text()
+    with pytest.raises(UserError, match="already holds a run"):
+        manager.submit_run("a", "{}")
+    manager.submit_run("a", json.dumps({"epochs": 1}), overwrite=True)
+    wait_for(manager, lambda: state(manager, "a") == "ended")
+    assert not (tmp_path / "runs" / "a" / "checkpoints").exists()
+
+
+def test_cancel_a_queued_job_and_stop_twice_kills(tmp_path, make_manager):
+    manager = make_manager(cpu_slots=1, stop_timeout=30.0)
+    manager.submit_run("stubborn", json.dumps({"epochs": 500, "ignore_term": True}))
+    manager.submit_run("waiting", "{}")
+    assert manager.stop("waiting") == "waiting: taken out of the queue" and state(manager, "waiting") == "cancelled"
+    wait_for(manager, lambda: (tmp_path / "runs" / "stubborn" / "summary.json").exists())
+    manager.stop("stubborn")
+    time.sleep(0.3)
+    manager.tick()
+    assert state(manager, "stubborn") == "stopping"
+    assert manager.stop("stubborn") == "stubborn: killed"
+    wait_for(manager, lambda: state(manager, "stubborn") == "ended")
+    job = manager.snapshot()["stubborn"]
+    assert job["exit"] == -signal.SIGKILL
+    assert runs.run_view(tmp_path / "runs", "stubborn", job)["status"] == "killed"
+    with pytest.raises(UserError, match="not running or queued"):
+        manager.stop("stubborn")
+
+
+def test_stop_timeout_kills(tmp_path, make_manager):
+    manager = make_manager(stop_timeout=0.3)
+    manager.submit_run("stubborn", json.dumps({"epochs": 500, "ignore_term": True}))
+    wait_for(manager, lambda: (tmp_path / "runs" / "stubborn" / "summary.json").exists())
+    manager.stop("stubborn")
+    wait_for(manager, lambda: state(manager, "stubborn") == "ended")
+    assert manager.snapshot()["stubborn"]["killed"] is True
+
+
+def test_failure_shows_exit_status_and_log(tmp_path, make_manager):
+    manager = make_manager()
+    manager.submit_run("bad", json.dumps({"epochs": 1, "exit": 3}))
+    wait_for(manager, lambda: state(manager, "bad") == "ended")
+    view = runs.run_view(tmp_path / "runs", "bad", manager.snapshot()["bad"])
+    assert view["status"] == "failed" and view["exit"] == 3
+    assert "(exit status 3)" in view["markdown"] and "asked to fail" in view["markdown"]
+    assert "kdgraph: error: the fake engine fails as asked" in view["log"]
+    assert runs.runs_table(tmp_path / "runs", manager.snapshot())[0][-1] == "3"
+
+
+def test_gpu_queue_one_run_per_gpu(tmp_path, make_manager, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    manager = make_manager(gpu_count=2)
+    for name in ("g1", "g2", "g3"):
+        manager.submit_run(name, json.dumps({"epochs": 100}))
+    manager.submit_run("on1", json.dumps({"epochs": 1}), gpus=[1])
+    assert [state(manager, n) for n in ("g1", "g2", "g3", "on1")] == ["running", "running", "queued", "queued"]
+    wait_for(manager, lambda: all((tmp_path / "runs" / n / "fake.json").exists() for n in ("g1", "g2")))
+    seen = {json.loads((tmp_path / "runs" / n / "fake.json").read_text())["cuda"] for n in ("g1", "g2")}
+    assert seen == {"4", "6"}  # the physical ids behind torch's 0 and 1
+    on_gpu1 = next(n for n in ("g1", "g2") if manager.snapshot()[n]["assigned"] == [1])
+    manager.stop(on_gpu1)  # first come, first served: g3 (any GPU) takes GPU 1, on1 waits for it
+    wait_for(manager, lambda: state(manager, "g3") == "running")
+    assert manager.snapshot()["g3"]["assigned"] == [1] and state(manager, "on1") == "queued"
+    manager.stop("g3")
+    wait_for(manager, lambda: state(manager, "on1") == "running")
+    with pytest.raises(UserError, match="no GPU 2"):
+        manager.submit_run("x", "{}", gpus=[2])
+    if not jobs.supports_nproc():
+        with pytest.raises(UserError, match="--nproc"):
+            manager.submit_run("x", "{}", gpus=[0, 1])
+    cpu = manager.submit_run("cpu", json.dumps({"epochs": 1}), gpus=[])
+    assert cpu.state == "running" and cpu.assigned == []
+
+
+def test_a_new_manager_reattaches_and_a_second_is_refused(tmp_path, make_manager):
+    first = make_manager()
+    first.submit_run("long", json.dumps({"epochs": 500}))
+    first.submit_run("next", json.dumps({"epochs": 1}))
+    wait_for(first, lambda: (tmp_path / "runs" / "long" / "summary.json").exists())
+    with pytest.raises(UserError, match="another kdgraph ui manages"):
+        make_manager()
+    first.close()
+    second = make_manager()
+    assert state(second, "long") == "running" and state(second, "next") == "queued"
+    second.stop("long")
+    wait_for(second, lambda: state(second, "long") == "ended")
+    assert second.snapshot()["long"]["exit"] == 130  # not its child: from summary.json
+    wait_for(second, lambda: state(second, "next") == "ended")
+
+
+def test_resume_needs_a_stopped_run_and_names_stay_in_the_runs_folder(tmp_path, make_manager):
+    manager = make_manager()
+    for bad in ("..", ".ui-jobs.json", "a/b", ""):
+        with pytest.raises(UserError, match="cannot name a directory"):
+            manager.submit_run(bad, "{}", overwrite=True)
+    with pytest.raises(UserError, match="holds no spec"):
+        manager.resume("nothing")
+    manager.submit_run("r", json.dumps({"epochs": 1}))
+    wait_for(manager, lambda: state(manager, "r") == "ended")
+    with pytest.raises(UserError, match="has finished"):
+        manager.resume("r")
+
+
+def test_the_form_has_a_field_for_every_schema_key():
+    """A key the form lacks would be dropped by load-then-save: every schema leaf must be a field."""
+    from kdgraph.spec import schema
+
+    root = schema()
+
+    def leaves(node, prefix):
+        while "$ref" in node:
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        props = node.get("properties") if node.get("type") == "object" or "properties" in node else None
+        if not props or prefix in ("data.options", "teacher.kwargs", "student.kwargs"):
+            yield prefix
+            return
+        for key, sub in props.items():
+            yield from leaves(sub, f"{prefix}.{key}" if prefix else key)
+
+    skip = {"extends", "loss"}  # extends is resolved on load; loss terms have their own fields
+    missing = [k for k in leaves(root, "") if k.split(".")[0] not in skip and k not in forms.FIELDS]
+    assert not missing, missing

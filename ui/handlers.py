@@ -1,0 +1,309 @@
+"""The functions behind the page's events: they read widget values, call :mod:`~kdgraph.ui.forms`,
+:mod:`~kdgraph.ui.runs` and the :class:`~kdgraph.ui.jobs.JobManager`, and return widget values or updates.
+
+Mistakes the user can act on come back as messages shown in the page (no tracebacks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from kdgraph.errors import UserError
+
+from . import forms, runs
+from .forms import FIELDS, MAX_TERMS, TERM_KEYS
+from .jobs import JobManager
+
+VALID = "valid"
+PLOT_COLUMNS = ["epoch", "value", "series"]
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
+
+
+def _error(e: Exception) -> str:
+    return f"⚠ {e}"
+
+
+class Handlers:
+    """Event handlers of one app: its specs folder, runs folder and job manager."""
+
+    def __init__(self, specs_dir: str | Path, runs_dir: str | Path, manager: JobManager):
+        self.specs_dir = Path(specs_dir)
+        self.runs_dir = Path(runs_dir)
+        self.manager = manager
+
+    # ---------------------------------------------------------------------------------------- forms
+    @staticmethod
+    def form(values) -> dict:
+        """The form dict of the widget values, in :data:`FIELDS` order."""
+        return dict(zip(FIELDS, values))
+
+    @staticmethod
+    def values(form: dict) -> list:
+        return [form[k] for k in FIELDS]
+
+    def spec_file(self, file_name: str) -> Path:
+        """Where the form's spec is saved (and what its problems are reported against)."""
+        try:
+            return self.specs_dir / forms.check_file_name(file_name)
+        except UserError:
+            return self.specs_dir / "spec.yaml"
+
+    def spec_choices(self):
+        return gr.update(choices=forms.spec_choices(self.specs_dir))
+
+    def sweep_choices(self):
+        return gr.update(choices=forms.sweep_files(self.specs_dir))
+
+    def checkpoint_choices(self) -> list[str]:
+        """Checkpoints of finished runs in the runs folder (candidates for a teacher)."""
+        out = []
+        for name in runs.run_names(self.runs_dir, {}):
+            best = self.runs_dir / name / "checkpoints" / "best.pt"
+            if best.exists():
+                out.append(str(best))
+        return out
+
+    # ---------------------------------------------------------------------------------------- build
+    def new_spec(self):
+        """The form of a new spec (offline, small), its file name and a message."""
+        form = forms.spec_to_form(forms.NEW_SPEC)
+        return (*self.values(form), f"{forms.NEW_SPEC['name']}.yaml", "new spec")
+
+    def load(self, choice: str):
+        """Fill the form with spec ``FILE`` or ``FILE#NAME`` of the specs folder."""
+        try:
+            form = forms.spec_to_form(forms.load_spec(self.specs_dir, choice))
+        except UserError as e:
+            return (*[gr.skip()] * len(FIELDS), gr.skip(), _error(e))
+        return (*self.values(form), f"{form['name']}.yaml", f"loaded {choice}")
+
+    def preview(self, file_name: str, *values):
+        """``(YAML, problems)``: the spec of the form and what ``kdgraph validate`` says about it (the
+        problems text is the validator's lines, or ``valid``)."""
+        text, problems = forms.preview(self.form(values), self.spec_file(file_name))
+        return text, "\n".join(problems) if problems else VALID
+
+    def term_views(self, *values):
+        """Per term slot: its box (shown for slots in use), its positions box (feature methods), the
+        pair editor (positions: pairs) and its description with what auto picks."""
+        form = self.form(values)
+        teacher_rows, student_rows, _ = forms.form_layers(form)
+        count = int(form["loss.count"] or 0)
+        out = []
+        for i in range(MAX_TERMS):
+            cls = forms.method_class(str(form[f"loss.{i}.method"] or ""))
+            features = cls is not None and cls.features is not None
+            pairs = form[f"loss.{i}.positions"] == "pairs"
+            out += [gr.update(visible=i < count), gr.update(visible=features or pairs),
+                    gr.update(visible=pairs), forms.term_info(form, i, teacher_rows, student_rows)]
+        return out
+
+    def trace(self, text: str, pre: bool, *values):
+        """The two layer tables (filtered by ``text``; ``pre``: with the pre-activation entries), a note,
+        and the tap choices of every term slot."""
+        form = self.form(values)
+        teacher_rows, student_rows, notes = forms.form_layers(form)
+        t_table = forms.layer_table(teacher_rows or [], text, pre)
+        s_table = forms.layer_table(student_rows or [], text, pre)
+        t_names = [r["name"] for r in teacher_rows or []]
+        s_names = [r["name"] for r in student_rows or []]
+        counts = []
+        for role, rows, table in (("teacher", teacher_rows, t_table), ("student", student_rows, s_table)):
+            model = str(form[f"{role}.model"] or "").strip()
+            if rows is not None:
+                counts.append(f"{role} `{model}`: {len(table)} of {len(rows)} taps")
+            else:
+                counts.append(f"no {role}" if model in ("", forms.NO_TEACHER) else f"{role}: not traced")
+        note = " · ".join(counts) + "".join(f"  \n⚠ {n}" for n in notes)
+        taps = [gr.update(choices=names) for _ in range(MAX_TERMS) for names in (t_names, s_names)]
+        return (t_table, s_table, note, *taps)
+
+    @staticmethod
+    def method_changed(method: str, params: list):
+        """A method picked for a term: its canonical weight, its parameters (values kept where the new
+        method has a parameter of that name) and auto positions."""
+        kept = {r[0]: r[1] for r in params or [] if len(r) > 1 and r[1] not in (None, "")}
+        rows = forms.param_rows(method)
+        for r in rows:
+            r[1] = kept.get(r[0], "")
+        weight = forms.method_defaults(method).get("weight")
+        return ("" if weight is None else str(weight)), rows, "auto"
+
+    def add_term(self, count: int, teacher: str):
+        """Show one more term slot, set to kd (with a teacher) or ce."""
+        count = int(count or 0)
+        if count >= MAX_TERMS:
+            return (count, *[gr.skip()] * (MAX_TERMS * len(TERM_KEYS)))
+        slot = forms.new_term(count, "kd" if teacher and teacher != forms.NO_TEACHER else "ce")
+        out = []
+        for i in range(MAX_TERMS):
+            out += [slot[f"loss.{i}.{k}"] if i == count else gr.skip() for k in TERM_KEYS]
+        return (count + 1, *out)
+
+    def remove_term(self, index: int, count: int, *term_values):
+        """Remove slot ``index``: the slots after it move up."""
+        count = int(count or 0)
+        slots = [term_values[i * len(TERM_KEYS):(i + 1) * len(TERM_KEYS)] for i in range(MAX_TERMS)]
+        slots = slots[:index] + slots[index + 1:]
+        empty = forms.term_to_form(MAX_TERMS - 1, None)
+        slots.append([empty[f"loss.{MAX_TERMS - 1}.{k}"] for k in TERM_KEYS])
+        return (max(count - 1, 0), *[v for slot in slots for v in slot])
+
+    @staticmethod
+    def add_pair(teacher_tap: str, student_tap: str, pairs: list):
+        """Append ``[teacher_tap, student_tap]`` to a term's pairs (and switch it to explicit pairs)."""
+        if not teacher_tap or not student_tap:
+            return gr.skip(), gr.skip()
+        rows = [list(r) for r in pairs or [] if any(str(c or "").strip() for c in r)]
+        return rows + [[teacher_tap, student_tap]], "pairs"
+
+    def save(self, file_name: str, overwrite: bool, *values):
+        """Save the form's spec to the specs folder; ``(message, spec choices)``."""
+        data, problems = forms.form_to_spec(self.form(values))
+        if problems:
+            return _error("fix the form first: " + "; ".join(problems)), gr.skip()
+        try:
+            path = forms.save_spec(self.specs_dir, file_name, forms.spec_yaml(data), overwrite)
+        except UserError as e:
+            return _error(e), gr.skip()
+        return f"saved {path}", self.spec_choices()
+
+    def _gpus(self, devices: list | None, data: dict) -> list[int] | None:
+        """The GPUs a run asks for: those ticked; none ticked: any free GPU; CPU for ``train.device: cpu``."""
+        if str((data.get("train") or {}).get("device", "auto")) == "cpu":
+            return []
+        return [int(d) for d in devices] if devices else None
+
+    def start(self, file_name: str, devices: list, overwrite: bool, *values):
+        """Start (or queue) the form's spec as a run: ``(message, selected tab, run choice)``."""
+        data, form_problems = forms.form_to_spec(self.form(values))
+        text = forms.spec_yaml(data)
+        problems = [f"form: {p}" for p in form_problems] + forms.validate(text, self.spec_file(file_name))
+        if problems:
+            return _error(f"the spec has {len(problems)} problem(s), shown under the preview: fix them first"), \
+                gr.skip(), gr.skip()
+        if data.get("sweep"):
+            return _error("this spec has a sweep: block: save it and start it from the Sweeps tab"), \
+                gr.skip(), gr.skip()
+        try:
+            job = self.manager.submit_run(data["name"], forms.launch_text(data, self.specs_dir),
+                                          self._gpus(devices, data), overwrite)
+        except UserError as e:
+            return _error(e), gr.skip(), gr.skip()
+        names = runs.run_names(self.runs_dir, self.manager.snapshot())
+        return (f"{job.name}: {job.state} (output in {self.runs_dir / job.name})", gr.Tabs(selected="runs"),
+                gr.update(choices=names, value=job.name))
+
+    # ---------------------------------------------------------------------------------------- runs
+    def runs_table(self):
+        return runs.runs_table(self.runs_dir, self.manager.snapshot())
+
+    @staticmethod
+    def _selector(names: list[str], current: str | None, known: list | None):
+        """A selector's update -- only when its choices changed; with none selected, the first (the most
+        recently active, so a reloaded page shows what is running) -- and the choices."""
+        if not current and names:
+            return gr.update(choices=names, value=names[0]), names
+        if names == (known or []):
+            return gr.skip(), names
+        return gr.update(choices=names), names
+
+    def run_choices(self, current: str | None, known: list | None):
+        """The run selector (see :meth:`_selector`)."""
+        return self._selector(runs.run_names(self.runs_dir, self.manager.snapshot()), current, known)
+
+    @staticmethod
+    def select_run(table: list, evt: gr.SelectData):
+        """The run of a clicked row of the runs table."""
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return table[row][0] if table and isinstance(row, int) and row < len(table) else gr.skip()
+
+    def run_panel(self, name: str | None, plot_key: str | None = None):
+        """The run view: text, loss and accuracy curves, log tail, summary, spec, the stop and resume
+        buttons, and the plot key (the run and the series drawn).
+
+        A Gradio plot keeps the series of the first data it draws, so when the series change (another run,
+        a run's first epoch) the plots are cleared first and drawn by the next call.
+        """
+        off = gr.update(interactive=False)
+        if not name:
+            return "select a run", None, None, "", {}, "", off, off, ""
+        try:
+            view = runs.run_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        except UserError as e:
+            return _error(e), None, None, "", {}, "", off, off, ""
+        key = f"{name}|" + ",".join(sorted({r["series"] for r in view["loss"] + view["accuracy"]}))
+        drawn = view["metrics"] and key == plot_key
+        plots = (_frame(view["loss"]), _frame(view["accuracy"])) if drawn else (None, None)
+        return (view["markdown"], *plots, view["log"], view["summary"], view["spec"],
+                gr.update(interactive=view["can_stop"]), gr.update(interactive=view["can_resume"]), key)
+
+    def run_status(self, name: str) -> dict:
+        """A run as data (the ``/run_status`` endpoint): name, status, exit, progress, summary, metrics, log,
+        spec, can_stop, can_resume; or ``{"error": message}``."""
+        try:
+            view = runs.run_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        except UserError as e:
+            return {"error": str(e)}
+        return {k: v for k, v in view.items() if k not in ("markdown", "loss", "accuracy")}
+
+    def stop(self, name: str | None) -> str:
+        """Stop the selected run (or sweep): a message."""
+        if not name:
+            return _error("select a run first")
+        try:
+            return self.manager.stop(name)
+        except UserError as e:
+            return _error(e)
+
+    def resume(self, name: str | None) -> str:
+        """Resume the selected run from its checkpoint: a message."""
+        if not name:
+            return _error("select a run first")
+        try:
+            job = self.manager.resume(name)
+        except UserError as e:
+            return _error(e)
+        return f"{name}: resuming ({job.state})"
+
+    # ---------------------------------------------------------------------------------------- sweeps
+    def start_sweep(self, file_name: str | None):
+        """Start (or queue) ``kdgraph sweep`` of a spec file: ``(message, sweep choice)``."""
+        from kdgraph import spec as specs
+
+        if not file_name:
+            return _error("choose a spec with a sweep: block"), gr.skip()
+        path = self.specs_dir / file_name
+        try:
+            loaded = specs.load(path)
+            if not loaded.get("sweep"):
+                raise UserError(f"{path} has no sweep: block")
+            problems = forms.validate(path.read_text(), path)
+            if problems:
+                raise UserError("the spec has problems (`kdgraph validate` lists them):\n" + "\n".join(problems))
+            job = self.manager.submit_sweep(loaded["name"], path)
+        except UserError as e:
+            return _error(e), gr.skip()
+        names = runs.sweep_names(self.runs_dir, self.manager.snapshot())
+        return f"sweep {job.name}: {job.state}", gr.update(choices=names, value=job.name)
+
+    def sweep_selector(self, current: str | None, known: list | None):
+        """The sweep selector (see :meth:`_selector`)."""
+        return self._selector(runs.sweep_names(self.runs_dir, self.manager.snapshot()), current, known)
+
+    def sweep_panel(self, name: str | None):
+        """The sweep view: text, the grid, the heatmap once done, the log tail and the stop button."""
+        if not name:
+            return "select a sweep", pd.DataFrame(), None, "", gr.update(interactive=False)
+        view = runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        grid = pd.DataFrame(view["rows"], columns=view["header"] or None)
+        return view["markdown"], grid, view["heatmap"], view["log"], gr.update(interactive=view["can_stop"])
+
+    def sweep_status(self, name: str) -> dict:
+        """A sweep as data (the ``/sweep_status`` endpoint): markdown, header, rows, heatmap, log, can_stop."""
+        return runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))

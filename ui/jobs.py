@@ -1,0 +1,454 @@
+"""Runs and sweeps started from the UI, each as its own process, with a queue: one run per GPU at a time.
+
+A job is ``kdgraph run SPEC --out RUNS/NAME`` (or ``kdgraph sweep SPEC``) started with
+``sys.executable -m kdgraph`` in its own session (so its own process group), its output appended to
+``RUNS/NAME/output.log``. With GPUs, a run gets the GPU(s) it asked for, or the first free one, through
+``CUDA_VISIBLE_DEVICES`` (several GPUs: ``--nproc N``, where this kdgraph has it); without, it takes one of
+``cpu_slots`` CPU slots (``OMP_NUM_THREADS`` = cores / slots). A sweep takes every GPU (or every CPU slot)
+and shares them among its cells itself. Jobs that cannot start yet wait in the queue, in order.
+
+Stopping sends SIGTERM to the job's main process -- the trainer saves a checkpoint and exits with status
+130; a sweep stops its cells the same way -- and kills the whole process tree after ``stop_timeout``
+seconds (at once on a second stop). Resuming runs the same command with ``--resume``.
+
+The runs folder is the source of truth; :data:`JOBS_FILE` there keeps the queue and the PIDs, so a
+restarted UI re-attaches to what is running. A lock file keeps two UIs from managing one runs folder.
+Nothing here depends on a web page: a background thread advances the queue.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+from kdgraph.errors import UserError
+
+JOBS_FILE = ".ui-jobs.json"
+LOCK_FILE = ".ui-jobs.lock"
+OUTPUT_LOG = "output.log"
+LAUNCH_SPEC = "launch.yaml"
+STOPPED = 130  # the trainer's exit status after a graceful stop
+ACTIVE = ("queued", "running", "stopping")
+
+
+@dataclass
+class Job:
+    """One launch of a run or a sweep; ``name`` is its directory under the runs folder."""
+
+    name: str
+    kind: str = "run"                 # run or sweep
+    spec: str = ""                    # the spec file given to kdgraph
+    resume: bool = False
+    gpus: list[int] | None = None     # GPUs asked for (torch indices); None: any free one; []: CPU
+    state: str = "queued"             # queued, running, stopping, ended, cancelled
+    submitted: float = 0.0
+    assigned: list[int] | None = None  # the GPUs it got ([]: CPU)
+    cmd: list[str] = field(default_factory=list)
+    pid: int | None = None
+    pid_start: int | None = None      # the process's start time (guards against a reused PID)
+    started: float | None = None
+    ended: float | None = None
+    exit: int | None = None           # exit status (negative: killed by that signal); None: unknown
+    stop_sent: float | None = None
+    killed: bool = False
+    base_seconds: float = 0.0         # wall time of the run's earlier attempts (resumed runs)
+    note: str = ""                    # why it could not start, when it could not
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+def check_name(name: str) -> str:
+    """A run or sweep name usable as a directory of the runs folder (no path, no leading dot)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
+        raise UserError(f"{name!r} cannot name a directory of the runs folder: use letters, digits and _.+=- "
+                        f"(not starting with a dot)")
+    return name
+
+
+def supports_nproc() -> bool:
+    """Whether ``kdgraph run`` takes ``--nproc N`` (several processes through torchrun)."""
+    from kdgraph.cli import parser
+
+    args, _ = parser().parse_known_args(["run", "spec.yaml", "--nproc", "2"])
+    return hasattr(args, "nproc")
+
+
+def gpu_list() -> list[str]:
+    """``"NAME"`` of each GPU torch sees, in torch's order."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+# ------------------------------------------------------------------------------------------ processes
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, parent pid, start time)`` of a process from /proc, or None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    after = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return after[0], int(after[1]), int(after[19])
+
+
+def _alive(pid: int | None, start: int | None) -> bool:
+    """Whether ``pid`` is still the process that was started (not a zombie, not a reused PID)."""
+    if not pid:
+        return False
+    if not Path("/proc").is_dir():  # no procfs: signal 0 only says a process with that PID exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and (start is None or stat[2] == start)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat:
+                parents.setdefault(stat[1], []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out.extend(children)
+        todo.extend(children)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process group of ``pid`` and those of its descendants (a sweep's cells and torchrun's
+    workers may run in groups of their own)."""
+    groups = {pid}
+    for child in _descendants(pid):
+        try:
+            groups.add(os.getpgid(child))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _exit_from_summary(run_dir: Path) -> int | None:
+    """The exit status a run's ``summary.json`` implies (for a process this UI did not start)."""
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"finished": 0, "stopped": STOPPED, "failed": 1}.get(status)
+
+
+# ------------------------------------------------------------------------------------------ manager
+class JobManager:
+    """The queue and processes of one runs folder (see the module docstring).
+
+    ``engine`` is the command prefix that runs kdgraph (tests put a stand-in there); ``gpu_count`` defaults
+    to what torch sees; ``background`` starts the thread that advances the queue every ``poll_seconds``.
+    """
+
+    def __init__(self, runs_dir: str | Path, *, cpu_slots: int = 1, gpu_count: int | None = None,
+                 stop_timeout: float = 60.0, poll_seconds: float = 1.0, engine: Sequence[str] | None = None,
+                 background: bool = True):
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.runs_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise UserError(f"another kdgraph ui manages {self.runs_dir} (it holds {self.runs_dir / LOCK_FILE}); "
+                            f"stop it or give this one another --runs-dir") from None
+        self.cpu_slots = max(1, int(cpu_slots))
+        if gpu_count is None:
+            import torch
+
+            gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.gpu_count = gpu_count
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+        self._gpu_ids = [listed[i] if i < len(listed) else str(i) for i in range(gpu_count)]
+        self.stop_timeout = float(stop_timeout)
+        self.engine = list(engine or [sys.executable, "-m", "kdgraph"])
+        self._mutex = threading.RLock()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._jobs: dict[str, Job] = self._read()
+        self.tick()
+        self._halt = threading.Event()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, args=(poll_seconds,), daemon=True,
+                                            name="kdgraph-ui-jobs")
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------------ state
+    def _read(self) -> dict[str, Job]:
+        try:
+            raw = json.loads((self.runs_dir / JOBS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        known = {f.name for f in fields(Job)}
+        jobs = {}
+        for item in raw.get("jobs", []) if isinstance(raw, dict) else []:
+            if isinstance(item, dict) and "name" in item:
+                jobs[item["name"]] = Job(**{k: v for k, v in item.items() if k in known})
+        return jobs
+
+    def _save(self) -> None:
+        tmp = self.runs_dir / (JOBS_FILE + ".tmp")
+        tmp.write_text(json.dumps({"jobs": [asdict(j) for j in self._jobs.values()]}, indent=1))
+        tmp.replace(self.runs_dir / JOBS_FILE)
+
+    def snapshot(self) -> dict[str, dict]:
+        """Every job this runs folder knows, as plain dicts by name."""
+        with self._mutex:
+            return {name: asdict(job) for name, job in self._jobs.items()}
+
+    # ------------------------------------------------------------------------------------ submit
+    def _check_gpus(self, gpus: list[int] | None) -> list[int] | None:
+        if gpus is None or not gpus:
+            return gpus
+        gpus = sorted({int(g) for g in gpus})
+        bad = [g for g in gpus if not 0 <= g < self.gpu_count]
+        if bad:
+            raise UserError(f"no GPU {bad[0]}: torch sees {self.gpu_count} GPU(s)")
+        if len(gpus) > 1 and not supports_nproc():
+            raise UserError("several GPUs need `kdgraph run --nproc N`, which this kdgraph does not have yet; "
+                            "pick one GPU")
+        return gpus
+
+    def _enqueue(self, job: Job) -> Job:
+        self._jobs[job.name] = job
+        self._save()
+        self.tick()
+        return self._jobs[job.name]
+
+    def _idle(self, name: str) -> Job | None:
+        job = self._jobs.get(check_name(name))
+        if job is not None and job.active:
+            raise UserError(f"{name} is already {job.state}")
+        return job
+
+    def submit_run(self, name: str, spec_text: str, gpus: list[int] | None = None,
+                   overwrite: bool = False) -> Job:
+        """Queue a new run ``name`` of the spec text (written to ``RUNS/NAME/launch.yaml``).
+
+        A directory that already holds a run needs ``overwrite`` (it is deleted first); resume it instead
+        with :meth:`resume`.
+        """
+        with self._mutex:
+            self._idle(name)
+            run_dir = self.runs_dir / name
+            if (run_dir / "sweep.json").exists():
+                raise UserError(f"{run_dir} is a sweep's directory: give the run another name")
+            held = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+            if held and not overwrite:
+                raise UserError(f"{run_dir} already holds a run: resume it from the Runs tab, tick "
+                                f"'overwrite' to start it over, or give the spec another name")
+            if held:
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / LAUNCH_SPEC).write_text(spec_text)
+            return self._enqueue(Job(name=name, spec=str(run_dir / LAUNCH_SPEC), gpus=self._check_gpus(gpus),
+                                     submitted=time.time()))
+
+    def resume(self, name: str, gpus: list[int] | None = None) -> Job:
+        """Queue ``kdgraph run ... --resume`` of a stopped, killed or failed run (on the GPUs it had asked
+        for unless ``gpus`` is given)."""
+        with self._mutex:
+            previous = self._idle(name)
+            run_dir = self.runs_dir / name
+            try:
+                status = json.loads((run_dir / "summary.json").read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                status = None
+            if status == "finished":
+                raise UserError(f"{name} has finished: there is nothing to resume")
+            spec = next((run_dir / f for f in (LAUNCH_SPEC, "spec.yaml") if (run_dir / f).exists()), None)
+            if spec is None:
+                raise UserError(f"{run_dir} holds no spec ({LAUNCH_SPEC} or spec.yaml) to resume")
+            if gpus is None and previous is not None:
+                gpus = previous.gpus
+            return self._enqueue(Job(name=name, spec=str(spec), resume=True, gpus=self._check_gpus(gpus),
+                                     submitted=time.time()))
+
+    def submit_sweep(self, name: str, spec_file: str | Path) -> Job:
+        """Queue ``kdgraph sweep SPEC`` (its directory is ``RUNS/NAME``, NAME being the spec's name)."""
+        with self._mutex:
+            self._idle(name)
+            (self.runs_dir / name).mkdir(parents=True, exist_ok=True)
+            return self._enqueue(Job(name=name, kind="sweep", spec=str(spec_file), submitted=time.time()))
+
+    # ------------------------------------------------------------------------------------ stop
+    def stop(self, name: str) -> str:
+        """Stop a job: take it out of the queue, or ask it to checkpoint and exit (SIGTERM to its main
+        process), or -- already asked -- kill its process tree now. Returns what was done."""
+        with self._mutex:
+            job = self._jobs.get(name)
+            if job is None or not job.active:
+                raise UserError(f"{name} is not running or queued")
+            if job.state == "queued":
+                job.state, job.ended = "cancelled", time.time()
+                self._save()
+                return f"{name}: taken out of the queue"
+            if job.state == "running":
+                try:
+                    os.kill(job.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                job.state, job.stop_sent = "stopping", time.time()
+                self._save()
+                return (f"{name}: asked to stop; it saves a checkpoint and exits (killed if still running in "
+                        f"{self.stop_timeout:.0f} s; stop again to kill it now)")
+            kill_tree(job.pid)
+            job.killed = True
+            self._save()
+            return f"{name}: killed"
+
+    # ------------------------------------------------------------------------------------ the queue
+    def _command(self, job: Job, assigned: list[int]) -> list[str]:
+        runs = str(self.runs_dir)
+        if job.kind == "sweep":
+            where = (["--devices", ",".join(str(i) for i in range(len(assigned)))] if assigned
+                     else ["--jobs", str(self.cpu_slots)])
+            return [*self.engine, "sweep", job.spec, "--runs-dir", runs, *where]
+        cmd = [*self.engine, "run", job.spec, "--out", str(self.runs_dir / job.name), "--runs-dir", runs]
+        if job.resume:
+            cmd.append("--resume")
+        if len(assigned) > 1:
+            cmd += ["--nproc", str(len(assigned))]
+        return cmd
+
+    def _env(self, job: Job, assigned: list[int]) -> dict:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "CUDA_VISIBLE_DEVICES": ",".join(self._gpu_ids[i] for i in assigned)}
+        if not assigned:
+            share = 1 if job.kind == "sweep" else self.cpu_slots
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // share))
+        return env
+
+    def _allocate(self, job: Job, busy: set[int], cpu_used: int) -> list[int] | None:
+        """The GPUs ([] for CPU) ``job`` can start on now, or None when it must wait."""
+        free = [g for g in range(self.gpu_count) if g not in busy]
+        if job.kind == "sweep":
+            if self.gpu_count:
+                return list(range(self.gpu_count)) if len(free) == self.gpu_count else None
+            return [] if cpu_used == 0 else None
+        if job.gpus == [] or not self.gpu_count:
+            return [] if cpu_used < self.cpu_slots else None
+        if job.gpus is None:
+            return free[:1] or None
+        return job.gpus if all(g in free for g in job.gpus) else None
+
+    def _start(self, job: Job, assigned: list[int]) -> None:
+        run_dir = self.runs_dir / job.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self._command(job, assigned)
+        env = self._env(job, assigned)
+        where = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if assigned else "CPU"
+        base = 0.0
+        if job.resume:
+            try:
+                base = float(json.loads((run_dir / "summary.json").read_text()).get("wall_seconds") or 0)
+            except (OSError, ValueError, AttributeError, TypeError):
+                base = 0.0
+        with open(run_dir / OUTPUT_LOG, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {where} {shlex.join(cmd)}\n")
+            log.flush()
+            try:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True)
+            except OSError as e:
+                job.state, job.ended, job.note = "ended", time.time(), f"could not start: {e}"
+                log.write(f"kdgraph ui: {job.note}\n")
+                return
+        self._procs[job.name] = proc
+        stat = _stat(proc.pid)
+        job.state, job.assigned, job.cmd, job.pid = "running", assigned, cmd, proc.pid
+        job.pid_start = stat[2] if stat else None
+        job.started, job.base_seconds = time.time(), base
+
+    def _poll(self, job: Job) -> tuple[bool, int | None]:
+        """``(alive, exit status)`` of a started job."""
+        proc = self._procs.get(job.name)
+        if proc is not None and proc.pid == job.pid:
+            code = proc.poll()
+            if code is None:
+                return True, None
+            del self._procs[job.name]
+            return False, code
+        if _alive(job.pid, job.pid_start):
+            return True, None
+        return False, (-signal.SIGKILL if job.killed else _exit_from_summary(self.runs_dir / job.name))
+
+    def tick(self) -> None:
+        """Reap ended jobs, kill those past their stop timeout, start queued jobs that now fit."""
+        with self._mutex:
+            now, changed = time.time(), False
+            for job in self._jobs.values():
+                if job.state not in ("running", "stopping"):
+                    continue
+                alive, code = self._poll(job)
+                if not alive:
+                    job.state, job.exit, job.ended, changed = "ended", code, now, True
+                elif job.state == "stopping" and not job.killed and now - job.stop_sent > self.stop_timeout:
+                    kill_tree(job.pid)
+                    job.killed, changed = True, True
+            busy: set[int] = set()
+            cpu_used = 0
+            for job in self._jobs.values():
+                if job.state in ("running", "stopping"):
+                    busy.update(job.assigned or [])
+                    if not job.assigned:
+                        cpu_used += self.cpu_slots if job.kind == "sweep" else 1
+            for job in sorted((j for j in self._jobs.values() if j.state == "queued"), key=lambda j: j.submitted):
+                assigned = self._allocate(job, busy, cpu_used)
+                if assigned is None:
+                    continue
+                self._start(job, assigned)
+                changed = True
+                if job.state == "running":
+                    busy.update(assigned)
+                    cpu_used += (self.cpu_slots if job.kind == "sweep" else 1) if not assigned else 0
+            if changed:
+                self._save()
+
+    def _loop(self, poll_seconds: float) -> None:
+        while not self._halt.wait(poll_seconds):
+            try:
+                self.tick()
+            except OSError as e:  # e.g. the runs folder went away for a moment: try again next time
+                print(f"kdgraph ui: job queue: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Stop managing the folder (the jobs keep running; a new manager re-attaches to them)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._mutex:
+            self._save()
+            self._lock_file.close()

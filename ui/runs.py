@@ -1,0 +1,243 @@
+"""The Runs and Sweeps tabs without Gradio: the runs folder as tables, curves, progress and log tails.
+
+The runs folder is the source of truth: a run is a directory with a ``summary.json`` (written by the
+trainer) or one the UI launched (see :mod:`kdgraph.ui.jobs`); a sweep is a directory with a
+``sweep.json``. The job records (plain dicts from :meth:`JobManager.snapshot`) add what only the launcher
+knows: queued, running or stopping, the exit status, the GPUs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kdgraph.errors import UserError
+from kdgraph.report import best_top1, read_json, read_metrics
+from kdgraph.sweep import SWEEP_FILE, failure_reason, grid_table
+
+from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, STOPPED
+
+RUN_HEADERS = ["run", "status", "epochs", "best top-1", "final top-1", "teacher top-1", "student", "teacher",
+               "methods", "device", "wall time", "exit"]
+RESUMABLE = ("stopped", "failed", "killed", "interrupted", "cancelled")
+LOSS_KEYS = ("loss", "test_loss")
+ACCURACY_KEYS = ("train_top1", "test_top1", "test_top5")
+
+
+def duration(seconds: float | None) -> str:
+    """``H:MM:SS`` (empty for None)."""
+    if seconds is None:
+        return ""
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _pct(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+def tail(path: str | Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file ("" when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_log(run_dir: str | Path) -> Path:
+    """The file with a run's output: the launcher's ``output.log``, else the trainer's ``log.txt``."""
+    run_dir = Path(run_dir)
+    return run_dir / OUTPUT_LOG if (run_dir / OUTPUT_LOG).exists() else run_dir / "log.txt"
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
+    """Runs of the folder, most recently active first: directories with a ``summary.json`` or launched by
+    the UI (sweep directories are not runs; their cells are listed in the Sweeps tab)."""
+    runs_dir = Path(runs_dir)
+    found: dict[str, float] = {}
+    if runs_dir.is_dir():
+        for d in runs_dir.iterdir():
+            known = jobs.get(d.name, {}).get("kind") == "run"
+            if d.is_dir() and not (d / SWEEP_FILE).exists() and ((d / "summary.json").exists() or known):
+                stamps = [p.stat().st_mtime for p in (d / "summary.json", d / OUTPUT_LOG, d) if p.exists()]
+                found[d.name] = max(stamps + [jobs.get(d.name, {}).get("submitted") or 0])
+    return sorted(found, key=lambda n: (-found[n], n))
+
+
+def run_status(summary: dict, job: dict | None) -> str:
+    """queued, running, stopping (the launcher's word while it acts), else the trainer's status --
+    finished, stopped, failed -- or, for a process that ended without saying so in its summary, what its
+    exit status tells: killed, stopped, failed, or interrupted when the status is unknown (it ended while
+    no UI watched it)."""
+    status = summary.get("status")
+    if job and job["state"] in ACTIVE:
+        return job["state"]
+    if job and job["state"] == "cancelled" and not status:
+        return "cancelled"
+    if job and job["state"] == "ended" and status in (None, "running"):
+        code = job.get("exit")
+        if code is None:
+            return "interrupted"
+        if job.get("killed") or code < 0:
+            return "killed"
+        if code == STOPPED:
+            return "stopped"
+        return "failed" if code != 0 else "finished"
+    return status or "unknown"
+
+
+def _device(job: dict | None, summary: dict) -> str:
+    if job and job.get("assigned") is not None and job["state"] != "queued":
+        return ", ".join(f"GPU {g}" for g in job["assigned"]) or "CPU"
+    if job and job["state"] == "queued":
+        gpus = job.get("gpus")
+        return "any GPU" if gpus is None else (", ".join(f"GPU {g}" for g in gpus) or "CPU")
+    return summary.get("device") or ""
+
+
+def run_record(runs_dir: str | Path, name: str, job: dict | None) -> dict:
+    """What the runs table and the run view show about one run."""
+    run_dir = Path(runs_dir) / name
+    summary = read_json(run_dir / "summary.json") or {}
+    return {"name": name, "status": run_status(summary, job), "summary": summary,
+            "epochs_done": summary.get("epochs_done"), "epochs": summary.get("epochs"),
+            "best_top1": best_top1(run_dir, summary), "final_top1": summary.get("final_top1"),
+            "teacher_top1": summary.get("teacher_top1"), "student": summary.get("student"),
+            "teacher": summary.get("teacher"), "methods": summary.get("methods") or [],
+            "device": _device(job, summary), "wall_seconds": summary.get("wall_seconds"),
+            "exit": job.get("exit") if job and job["state"] == "ended" else None,
+            "resumable": (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / LAUNCH_SPEC).exists()}
+
+
+def runs_table(runs_dir: str | Path, jobs: dict[str, dict]) -> list[list[str]]:
+    """One row of :data:`RUN_HEADERS` per run of :func:`run_names`."""
+    rows = []
+    for name in run_names(runs_dir, jobs):
+        r = run_record(runs_dir, name, jobs.get(name))
+        epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else 0}/{r['epochs'] or '?'}"
+        rows.append([name, r["status"], epochs, _pct(r["best_top1"]), _pct(r["final_top1"]),
+                     _pct(r["teacher_top1"]), r["student"] or "", r["teacher"] or "", "+".join(r["methods"]),
+                     r["device"], duration(r["wall_seconds"]), "" if r["exit"] is None else str(r["exit"])])
+    return rows
+
+
+def progress(summary: dict, metrics: list[dict], job: dict | None, now: float | None = None) -> dict:
+    """``{"epoch", "epochs", "elapsed", "remaining"}`` in seconds. While the job runs, elapsed counts its
+    earlier attempts too and remaining is the mean time of the last epochs (up to 5) times the epochs left
+    (None before the first epoch has ended, and once the run is not active)."""
+    now = time.time() if now is None else now
+    done = summary.get("epochs_done")
+    done = len(metrics) if done is None else done
+    total = summary.get("epochs")
+    active = bool(job and job["state"] in ("running", "stopping") and job.get("started"))
+    if active:
+        elapsed = (job.get("base_seconds") or 0.0) + now - job["started"]
+        recent = [m["seconds"] for m in metrics if isinstance(m.get("seconds"), (int, float))][-5:]
+        per_epoch = sum(recent) / len(recent) if recent else None
+        remaining = per_epoch * max(total - done, 0) if per_epoch is not None and total else None
+    else:
+        elapsed, remaining = summary.get("wall_seconds"), None
+    return {"epoch": done, "epochs": total, "elapsed": elapsed, "remaining": remaining}
+
+
+def progress_text(p: dict, status: str) -> str:
+    """``epoch 3/15 · elapsed 0:00:42 · about 0:02:10 left``."""
+    parts = [f"epoch {p['epoch']}/{p['epochs'] or '?'}"]
+    if p["elapsed"] is not None:
+        parts.append(f"elapsed {duration(p['elapsed'])}")
+    if p["remaining"] is not None:
+        parts.append(f"about {duration(p['remaining'])} left")
+    elif status in ("running", "stopping"):
+        parts.append("time left: after the first epoch")
+    return " · ".join(parts)
+
+
+def curves(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Long-format rows ``{"epoch", "value", "series"}`` for the loss plot (train loss, each term's loss,
+    test loss) and the accuracy plot (train and test top-1, test top-5)."""
+    loss, acc = [], []
+    for m in metrics:
+        for key, value in m.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in LOSS_KEYS or key.startswith("loss/"):
+                loss.append({"epoch": m["epoch"], "value": float(value), "series": key})
+            elif key in ACCURACY_KEYS:
+                acc.append({"epoch": m["epoch"], "value": float(value), "series": key})
+    return loss, acc
+
+
+def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | None = None) -> dict:
+    """Everything about one run: ``name``, ``status``, ``exit`` (None while unknown), ``progress`` (see
+    :func:`progress`), ``markdown`` (status, progress, accuracies, the error of a failure), ``loss`` and
+    ``accuracy`` (curve rows), ``metrics`` (the rows of metrics.jsonl), ``log`` (its tail), ``summary``,
+    ``spec`` (YAML text), ``can_stop`` and ``can_resume``."""
+    run_dir = Path(runs_dir) / name
+    if not run_dir.is_dir():
+        raise UserError(f"no run {name!r} in {runs_dir}")
+    record = run_record(runs_dir, name, job)
+    summary, status = record["summary"], record["status"]
+    metrics = read_metrics(run_dir)
+    lines = [f"### {name}: {status}" + (f" (exit status {record['exit']})" if record["exit"] is not None else "")]
+    lines.append(progress_text(progress(summary, metrics, job, now), status))
+    accuracies = [f"{label} {_pct(record[key])}%" for key, label in
+                  [("best_top1", "best top-1"), ("final_top1", "final top-1"), ("teacher_top1", "teacher top-1")]
+                  if record[key] is not None]
+    if accuracies:
+        lines.append(" · ".join(accuracies))
+    if record["device"]:
+        lines.append(f"device: {record['device']}")
+    log = run_log(run_dir)
+    if status in ("failed", "killed", "interrupted"):
+        reason = summary.get("error") or failure_reason(log) or (job or {}).get("note") or ""
+        lines.append(f"**{status}**" + (f": {reason}" if reason else "") + " — see the log below")
+    if job and job.get("note"):
+        lines.append(job["note"])
+    spec = run_dir / "spec.yaml" if (run_dir / "spec.yaml").exists() else run_dir / LAUNCH_SPEC
+    loss, acc = curves(metrics)
+    return {"name": name, "status": status, "exit": record["exit"], "progress": progress(summary, metrics, job, now),
+            "markdown": "\n\n".join(lines), "loss": loss, "accuracy": acc, "metrics": metrics, "log": tail(log),
+            "summary": summary, "spec": spec.read_text() if spec.exists() else "", "can_stop": status in ACTIVE,
+            "can_resume": status in RESUMABLE and record["resumable"]}
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def sweep_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
+    """Sweep directories (with a ``sweep.json``, or launched by the UI), most recent first."""
+    runs_dir = Path(runs_dir)
+    found: dict[str, float] = {}
+    if runs_dir.is_dir():
+        for d in runs_dir.iterdir():
+            if d.is_dir() and ((d / SWEEP_FILE).exists() or jobs.get(d.name, {}).get("kind") == "sweep"):
+                found[d.name] = max(p.stat().st_mtime for p in (d / SWEEP_FILE, d) if p.exists())
+    return sorted(found, key=lambda n: (-found[n], n))
+
+
+def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
+    """The sweep panel: ``markdown`` (state and cell counts), ``header`` and ``rows`` of the grid of best
+    top-1 (filled in as cells finish), ``heatmap`` (its path once the sweep is done, else None), ``log``."""
+    sweep_dir = Path(runs_dir) / name
+    state = job["state"] if job else "not started here"
+    if job and job["state"] == "ended":
+        state = f"ended (exit status {job['exit']})" if job.get("exit") is not None else "ended"
+    active = bool(job and job["state"] in ACTIVE)
+    lines = [f"### sweep {name}: {state}"]
+    header, rows = [], []
+    try:
+        grid = grid_table(sweep_dir)
+    except UserError:
+        lines.append("waiting for the sweep to write its grid (sweep.json)…")
+    else:
+        header, rows = grid["header"], grid["rows"]
+        states = [s for row in grid["states"] for s in row]
+        counts = {s: states.count(s) for s in ("finished", "unfinished", "failed", "not run") if s in states}
+        lines.append(f"{len(states)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    heatmap = sweep_dir / "heatmap.png"
+    return {"markdown": "\n\n".join(lines), "header": header, "rows": rows,
+            "heatmap": str(heatmap) if heatmap.exists() and not active else None,
+            "log": tail(sweep_dir / OUTPUT_LOG), "can_stop": active}
