@@ -272,10 +272,25 @@ def _teacher_spec(spec: specs.Spec, runs_dir: Path) -> tuple[specs.Spec, Path]:
     if not chosen:
         raise UserError(f"teacher.from_spec {ref!r}: no spec named {doc!r} in {path}")
     teacher = chosen[0]
+    # A teacher learns this spec's data: where the data set differs (e.g. a CIFAR recipe's teacher named by
+    # a spec switched to digits), the teacher's spec follows this one.
+    follow = [f"data.{k}={_flow(spec.data['data'].get(k))}" for k in _TEACHER_DATA
+              if spec.data["data"].get(k) != teacher.data["data"].get(k)]
+    if follow:
+        inherited += follow
+        teacher = [d for d in specs.load_all(path, inherited) if d.data["name"] == teacher.data["name"]][0]
     name = teacher.data["name"]
     if inherited:  # a smoke run's teacher never overwrites the real teacher's run
         name += "-" + hashlib.sha1("\n".join(inherited).encode()).hexdigest()[:8]
     return teacher, runs_dir / name
+
+
+_TEACHER_DATA = ("dataset", "root", "download", "options")  # what a from_spec teacher takes from the student's spec
+
+
+def _flow(value) -> str:
+    """``value`` as one line of YAML, for a ``--set`` override."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
 
 
 def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Logger, echo) -> nn.Module | None:

@@ -352,6 +352,21 @@ def test_from_spec_trains_the_teacher_first_then_reuses_it(tmp_path, capsys):
     assert "| tq |" in out and "| sq |" in out  # the summary table of several runs
 
 
+def test_a_from_spec_teacher_follows_the_students_data_set(tmp_path, capsys):
+    """A spec whose data differs from its teacher spec's (here digits resized to 12) trains a teacher on it."""
+    write(tmp_path / "t.yaml", spec("tq", student={"model": "wrn-16-1"}, train={"epochs": 1, "max_steps_per_epoch": 2}))
+    student = kd_spec("sq", {"from_spec": "t.yaml"}, data={"options": {"size": 12}},
+                      train={"epochs": 1, "max_steps_per_epoch": 2})
+    file = write(tmp_path / "s.yaml", student)
+    runs = tmp_path / "runs"
+    code, out, err = kd(["run", file, "--runs-dir", runs], capsys)
+    assert code == 0, err
+    (teacher_dir,) = [d for d in runs.iterdir() if d.name.startswith("tq-")]
+    saved = yaml.safe_load((teacher_dir / "spec.yaml").read_text())
+    assert saved["data"]["options"] == {"size": 12} and saved["train"]["max_steps_per_epoch"] == 2
+    assert not (runs / "tq").exists()  # the real teacher's run dir is never used for another data set
+
+
 # ---------------------------------------------------------------------------------------- repeatability
 def test_same_spec_twice_gives_identical_metrics(tmp_path, capsys, teacher_ckpt):
     file = write(tmp_path / "s.yaml", kd_spec("rep", {"checkpoint": str(teacher_ckpt)},
