@@ -8,6 +8,7 @@ SIGINT/SIGTERM writes a mid-epoch checkpoint first, so ``--resume`` continues ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -45,8 +46,8 @@ class NonFinite(Exception):
 # ------------------------------------------------------------------------------------------- utilities
 def pick_device(name: str) -> torch.device:
     """The training device; under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
-    if _world() > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+    if _world() > 1 and (name == "auto" or name.startswith("cuda")) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # cuda:N means "a GPU" under torchrun
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"train.device is {name!r} but torch sees no CUDA device")
@@ -156,7 +157,8 @@ def distributed():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # gloo for CPU tensors (train.device: cpu, or no GPU), NCCL for CUDA ones
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield
     finally:
@@ -305,10 +307,12 @@ def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Log
             raise UserError(f"teacher.from_spec trains {tspec.data['student']['model']!r} but teacher.model is "
                             f"{cfg['model']!r}")
         rd = RunDir(tdir)
-        _barrier()  # every rank sees the same status, and trains the teacher together if needed
-        if rd.summary().get("status") != "finished":
-            log.line(f"teacher: training {tspec.data['name']} first (from_spec) into {tdir}")
-            run(tspec, tdir, resume=rd.last.exists(), echo=echo, runs_dir=runs_dir)
+        with _exclusive(tdir):  # another run needing the same teacher waits for it instead of training it too
+            _barrier()  # every rank sees the same status, and trains the teacher together if needed
+            if rd.summary().get("status") != "finished":
+                log.line(f"teacher: training {tspec.data['name']} first (from_spec) into {tdir}")
+                run(tspec, tdir, resume=True, echo=echo, runs_dir=runs_dir)  # continues a stopped teacher
+            _barrier()  # rank 0 has written best.pt
         source = rd.best
     if source:
         ckpt.load_weights(model, source)
@@ -318,6 +322,40 @@ def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Log
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _portable(spec: specs.Spec) -> dict:
+    """The spec's data with the files it names made absolute, so ``runs/NAME/spec.yaml`` runs from anywhere."""
+    data = copy.deepcopy(spec.data)
+    for who in ("teacher", "student"):
+        cfg = data.get(who) or {}
+        if cfg.get("checkpoint") and Path(cfg["checkpoint"]).exists():
+            cfg["checkpoint"] = str(Path(cfg["checkpoint"]).resolve())
+    teacher = data.get("teacher") or {}
+    if teacher.get("from_spec") and spec.file:
+        file, _, doc = teacher["from_spec"].partition("#")
+        path = (Path(spec.file).parent / file if file else Path(spec.file)).resolve()
+        teacher["from_spec"] = f"{path}#{doc}" if doc else str(path)
+    return data
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """Hold an advisory lock on ``directory`` (rank 0; a no-op where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or _rank() != 0:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -344,7 +382,7 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
         shutil.rmtree(rd.path)
     if main:
         (rd.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (rd.path / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        (rd.path / "spec.yaml").write_text(yaml.safe_dump(_portable(spec), sort_keys=False))
     _barrier()
     log = Logger(rd.path, data["log"]["tensorboard"], echo, main)
     summary = {"name": data["name"], "status": "running", "dataset": data["data"]["dataset"],
@@ -439,7 +477,7 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
     names = distiller.names
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
     if resume:
-        saved = ckpt.load(rd.last, map_location=device)
+        saved = ckpt.load(rd.last, map_location="cpu")  # load_state_dict copies to the parameters' device
         student.load_state_dict(saved["model"])
         distiller.terms.load_state_dict(saved["terms"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -451,7 +489,10 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             ckpt.set_rng_state(ranks[rank]["rng"])
             state["sums"] = ranks[rank]["sums"]
         else:  # another process count: rank 0 carries the epoch's sums so far
-            ckpt.set_rng_state(saved["rng"])
+            if rank < len(ranks):
+                ckpt.set_rng_state(ranks[rank]["rng"])
+            else:
+                torch.manual_seed(train["seed"] + 1000003 * rank + 7919 * state["epoch"] + state["step"])
             if state["sums"] is not None:
                 state["sums"] = {k: sum(r["sums"][k] for r in ranks) if rank == 0 else 0 * v
                                  for k, v in state["sums"].items()}
@@ -493,8 +534,11 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             x, y = _to(x, device, train["channels_last"]), y.to(device, non_blocking=True)
             with autocast(device, train["precision"]):
                 loss, parts, logits = step_fn(x, y, progress)
-            if not torch.isfinite(loss):
-                raise NonFinite(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+            finite = bool(torch.isfinite(loss))
+            stop_now, nonfinite = _agree([signals.stop, not finite], device, world)  # every rank acts alike
+            if nonfinite:
+                what = (f"became {loss.item()}" if not finite else "became non-finite on another process")
+                raise NonFinite(f"the loss {what} at epoch {epoch + 1}, step {step + 1} "
                                 f"({', '.join(f'{n}={v.item():.4g}' for n, v in parts.items())}); "
                                 + (f"the last good checkpoint is {rd.last}" if rd.last.exists() else
                                    "no checkpoint was written yet") + ". Lower train.optimizer.lr or a term's weight")
@@ -516,7 +560,7 @@ def _train(spec, rd: RunDir, summary: dict, log: Logger, signals: _Signals, resu
             bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {lr:.4g}", refresh=False)
             if not bar.interactive and step % spec.data["log"]["every"] == 0:
                 log.line(f"epoch {epoch + 1} step {step}/{steps_in_epoch} loss {sums['loss'] / sums['seen']:.4f}")
-            if _any(signals.stop, device, world):  # after a step, before the next batch is drawn and augmented
+            if stop_now:  # after a whole step, before the next batch is drawn (and augmented)
                 state.update(epoch=epoch, step=step, sums=sums)
                 _save(rd.last, student, distiller.terms, optimizer, scaler, state, spec)
                 bar.close()
@@ -565,13 +609,13 @@ def _per_rank(cfg: dict, world: int) -> dict:
     return cfg
 
 
-def _any(flag: bool, device, world: int) -> bool:
-    """``flag`` on any rank (every rank must stop at the same step)."""
+def _agree(flags: list[bool], device, world: int) -> list[bool]:
+    """Each flag, true if it is true on any rank (ranks must stop, or fail, at the same step)."""
     if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     _all_reduce(t)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _save(path: Path, student, terms, optimizer, scaler, state, spec) -> None:

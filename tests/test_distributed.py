@@ -114,3 +114,16 @@ def test_sigterm_stops_every_rank_and_resume_is_exact(tmp_path):
     assert p.returncode == 0, out
     assert json.loads((cut / "summary.json").read_text())["status"] == "finished"
     _close(_rows(whole), _rows(cut))
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Without agreement the finite ranks would wait forever in DDP's all-reduce for the one that raised."""
+    doc = yaml.safe_load(_spec(tmp_path, "ddp_nan", epochs=1, steps=8).read_text())
+    doc["loss"] = [{"method": "tests.userpkg:NaNOnRank1"}]
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    p = _kdgraph(path, "--out", tmp_path / "nan", nproc=2)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode != 0
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite on another process" in summary["error"], out

@@ -326,6 +326,8 @@ def test_from_spec_trains_the_teacher_first_then_reuses_it(tmp_path, capsys):
     first = json.loads((runs / "sq" / "summary.json").read_text())
     assert first["status"] == "finished" and first["teacher"] == "wrn-16-1"
     assert first["teacher_top1"] == pytest.approx(t_summary["best_top1"])  # the teacher's best.pt is used
+    saved = yaml.safe_load((runs / "sq" / "spec.yaml").read_text())["teacher"]["from_spec"]
+    assert Path(saved.partition("#")[0]) == (tmp_path / "q.yaml").resolve() and saved.endswith("#tq")
 
     # again: the finished teacher run is reused, not retrained
     code, out, err = kd(["run", only, "--runs-dir", runs, "--force"], capsys)

@@ -50,6 +50,19 @@ class NaNLater(Term):
         return value * float("nan") if out.epoch >= 1 else value
 
 
+class NaNOnRank1(Term):
+    """A logit term that becomes NaN on rank 1 alone from fractional epoch 0.5 on (other ranks stay finite)."""
+
+    needs_teacher = False
+
+    def forward(self, out):
+        import torch.distributed as dist
+
+        value = F.cross_entropy(out.logits.float(), out.target)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return value * float("nan") if rank == 1 and out.epoch >= 0.5 else value
+
+
 class SelfStop(Term):
     """A logit term (zero loss) that sends SIGTERM to its own process at fractional epoch ``at``, once per
     process (``SelfStop.fired``; reset it to arm again), so that a resumed run in the same process goes on.
