@@ -463,3 +463,184 @@ def test_the_form_has_a_field_for_every_schema_key():
     skip = {"extends", "loss"}  # extends is resolved on load; loss terms have their own fields
     missing = [k for k in leaves(root, "") if k.split(".")[0] not in skip and k not in forms.FIELDS]
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------ review findings
+BAD_NAMES = ["../outside", "../../outside", "..", "a/b", ".ui-jobs.json", ""]
+
+
+def test_names_outside_the_runs_folder_are_refused_everywhere(tmp_path, make_manager):
+    """A free-text run selector or the API must not read (or act on) directories outside the runs folder."""
+    manager = make_manager()
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "summary.json").write_text('{"status": "stopped", "secret": "S3CRET"}')
+    (outside / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    (outside / "log.txt").write_text("S3CRET log\n")
+    (outside / jobs.LAUNCH_SPEC).write_text("S3CRET: spec\n")
+    (outside / "sweep.json").write_text("{}")
+    for bad in BAD_NAMES + [str(outside)]:
+        with pytest.raises(UserError, match="cannot name a directory"):
+            runs.run_view(tmp_path / "runs", bad, None)
+        with pytest.raises(UserError, match="cannot name a directory"):
+            runs.sweep_view(tmp_path / "runs", bad, None)
+        if not bad:
+            continue  # the handlers answer "select a run first" to an empty name
+        answers = [h.run_status(bad), h.sweep_status(bad)]
+        assert all(set(a) == {"error"} and "cannot name a directory" in a["error"] for a in answers), answers
+        panel, sweep = h.run_panel(bad, ""), h.sweep_panel(bad)
+        assert panel[0].startswith("⚠") and panel[6]["interactive"] is False and panel[7]["interactive"] is False
+        assert sweep[0].startswith("⚠") and sweep[-1]["interactive"] is False
+        assert h.stop(bad).startswith("⚠") and h.resume(bad).startswith("⚠")
+        assert "S3CRET" not in json.dumps([answers, panel[0], panel[3:6], sweep[0], sweep[3]], default=str)
+    with pytest.raises(UserError, match="cannot name a directory"):
+        manager.stop("../outside")
+    assert not (tmp_path / "runs" / ".." / "outside" / jobs.OUTPUT_LOG).exists()  # nothing was launched there
+    assert h.sweep_status("nope") == {"error": f"no sweep 'nope' in {tmp_path / 'runs'}"}
+    # what the selectors list is what the views accept
+    (tmp_path / "runs" / "has space").mkdir(parents=True)
+    (tmp_path / "runs" / "has space" / "summary.json").write_text('{"status": "finished"}')
+    (tmp_path / "runs" / "ok").mkdir()
+    (tmp_path / "runs" / "ok" / "summary.json").write_text('{"status": "finished"}')
+    assert runs.run_names(tmp_path / "runs", {}) == ["ok"]
+
+
+def test_cuda_n_runs_on_gpu_n_and_cpu_on_a_cpu_slot(tmp_path, make_manager, monkeypatch):
+    """train.device: cuda:N is queued on GPU N (the run sees it as its only GPU, so its spec says cuda);
+    train.device: cpu takes a CPU slot even with GPUs free."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    manager = make_manager(gpu_count=2)
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
+    form = forms.spec_to_form(forms.NEW_SPEC)
+
+    def start(name, device, ticked=()):
+        return h.start(f"{name}.yaml", list(ticked), False, *h.values({**form, "name": name, "train.device": device}))
+
+    assert start("on1", "cuda:1")[0].startswith("on1: ")
+    job = manager.snapshot()["on1"]
+    assert job["gpus"] == [1] and job["assigned"] == [1]
+    launched = yaml_load((tmp_path / "runs" / "on1" / jobs.LAUNCH_SPEC).read_text())
+    assert launched["train"]["device"] == "cuda"
+    assert "CUDA_VISIBLE_DEVICES=6 " in (tmp_path / "runs" / "on1" / jobs.OUTPUT_LOG).read_text()
+    message = start("on2", "cuda:2")[0]
+    assert message.startswith("⚠ train.device is cuda:2") and "GPUs 0 to 1" in message
+    assert "on2" not in manager.snapshot()
+    assert "GPU(s) 0 are ticked" in start("on1b", "cuda:1", [0])[0]
+    assert start("on1c", "cuda:1", [1])[0].startswith("on1c: ")  # ticked the same GPU: fine
+    assert h._gpus([], {"train": {"device": "cuda"}}) is None and h._gpus([0], {"train": {"device": "cpu"}}) == []
+    # cpu: a CPU slot although both GPUs are free (on1 has ended by now or not: GPU 0 is free either way)
+    manager.submit_run("cpu", json.dumps({"epochs": 1}), h._gpus([], {"train": {"device": "cpu"}}))
+    assert manager.snapshot()["cpu"]["assigned"] == []
+    wait_for(manager, lambda: (tmp_path / "runs" / "cpu" / "fake.json").exists())
+    assert json.loads((tmp_path / "runs" / "cpu" / "fake.json").read_text())["cuda"] == ""
+    # resuming a shell run of a cuda:N spec: on GPU N, from a launch spec that says cuda
+    shell = tmp_path / "runs" / "shell"
+    shell.mkdir()
+    (shell / "spec.yaml").write_text("name: shell\ntrain: {device: 'cuda:1', epochs: 2}\n")
+    (shell / "summary.json").write_text('{"status": "stopped"}')
+    job = manager.resume("shell")
+    assert job.gpus == [1] and job.spec == str(shell / jobs.LAUNCH_SPEC)
+    assert yaml_load((shell / jobs.LAUNCH_SPEC).read_text())["train"] == {"device": "cuda", "epochs": 2}
+
+
+def test_overwrite_and_resume_refuse_a_run_written_outside_the_ui(tmp_path, make_manager):
+    import os
+
+    manager = make_manager()
+    run_dir = tmp_path / "runs" / "cli"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"status": "running"}')
+    (run_dir / "spec.yaml").write_text("{}")
+    (run_dir / "log.txt").write_text("epoch 1\n")
+    (run_dir / "checkpoints" / "last.pt").write_text("0")
+    with pytest.raises(UserError, match="appears to be running outside the UI"):
+        manager.submit_run("cli", "{}", overwrite=True)
+    with pytest.raises(UserError, match="appears to be running outside the UI"):
+        manager.resume("cli")
+    assert (run_dir / "checkpoints" / "last.pt").exists() and "cli" not in manager.snapshot()
+    # the UI's own job there ended after the last write: it knows the process is dead
+    manager._jobs["cli"] = jobs.Job(name="cli", state="ended", ended=time.time() + 0.01, exit=-9, killed=True)
+    assert jobs.outside_activity(run_dir, manager._jobs["cli"]) is None
+    # ... but not when the directory was written after its job ended (a shell run took it over)
+    manager._jobs["cli"].ended = time.time() - 5
+    with pytest.raises(UserError, match="appears to be running outside the UI"):
+        manager.submit_run("cli", "{}", overwrite=True)
+    # written long ago: a dead run (its summary never said otherwise)
+    old = time.time() - jobs.RECENT_SECONDS - 10
+    for path in ("summary.json", "log.txt", "checkpoints/last.pt"):
+        os.utime(run_dir / path, (old, old))
+    manager.submit_run("cli", json.dumps({"epochs": 1}), overwrite=True)
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_queue_is_first_come_first_served_per_resource(tmp_path, make_manager):
+    """A waiting multi-GPU run or sweep holds back the GPUs it waits for: later runs do not starve it."""
+    manager = make_manager(gpu_count=2)
+    manager.submit_run("g0", json.dumps({"epochs": 500}), gpus=[0])
+    manager.submit_run("both", json.dumps({"epochs": 1}), gpus=[0, 1])
+    manager.submit_run("later", json.dumps({"epochs": 1}))  # any GPU: GPU 1 is free, but "both" waits for it
+    manager.submit_run("cpu", json.dumps({"epochs": 1}), gpus=[])  # needs nothing "both" waits for
+    assert [state(manager, n) for n in ("g0", "both", "later", "cpu")] == ["running", "queued", "queued", "running"]
+    manager.stop("g0")
+    wait_for(manager, lambda: state(manager, "both") != "queued")
+    assert manager.snapshot()["both"]["assigned"] == [0, 1]
+    wait_for(manager, lambda: state(manager, "later") == "ended")
+    assert manager.snapshot()["later"]["started"] >= manager.snapshot()["both"]["ended"]
+    # a sweep waits for every GPU, and holds them back
+    manager.submit_run("g1", json.dumps({"epochs": 500}), gpus=[1])
+    manager.submit_sweep("sw", tmp_path / "none.yaml")
+    manager.submit_run("after", json.dumps({"epochs": 1}), gpus=[0])
+    assert [state(manager, n) for n in ("g1", "sw", "after")] == ["running", "queued", "queued"]
+    manager.stop("g1")
+    wait_for(manager, lambda: state(manager, "after") == "ended")
+    assert manager.snapshot()["sw"]["assigned"] == [0, 1]
+    assert manager.snapshot()["after"]["started"] >= manager.snapshot()["sw"]["started"]
+
+
+def test_cpu_sweep_holds_back_the_cpu_slots(tmp_path, make_manager):
+    manager = make_manager(cpu_slots=2)
+    manager.submit_run("a", json.dumps({"epochs": 500}))
+    manager.submit_sweep("sw", tmp_path / "none.yaml")
+    manager.submit_run("b", json.dumps({"epochs": 1}))  # a slot is free, but the sweep waits for both
+    assert [state(manager, n) for n in ("a", "sw", "b")] == ["running", "queued", "queued"]
+    manager.stop("a")
+    wait_for(manager, lambda: state(manager, "b") == "ended")
+    assert manager.snapshot()["b"]["started"] >= manager.snapshot()["sw"]["started"]
+
+
+def test_stop_never_signals_a_reused_pid(tmp_path, make_manager):
+    """A job whose PID now names another process is marked ended, and that process is left alone."""
+    import subprocess
+
+    manager = make_manager()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        start = jobs._stat(other.pid)[2]
+        for state_ in ("running", "stopping"):
+            manager._jobs["gone"] = jobs.Job(name="gone", state=state_, pid=other.pid, pid_start=start + 1,
+                                             assigned=[], started=time.time() - 10, stop_sent=time.time())
+            assert manager.stop("gone").startswith("gone: had already ended")
+            time.sleep(0.1)
+            assert other.poll() is None, "stop signalled a process that is not its job"
+            assert state(manager, "gone") == "ended"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stop_and_resume_buttons_follow_the_run_status(tmp_path, make_manager):
+    manager = make_manager()
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
+    manager.submit_run("r", json.dumps({"epochs": 500}))
+    wait_for(manager, lambda: (tmp_path / "runs" / "r" / "summary.json").exists())
+    stop, resume = h.run_panel("r", "")[6:8]
+    assert stop == {"interactive": True, "variant": "stop", "__type__": "update"} and resume["interactive"] is False
+    manager.stop("r")
+    wait_for(manager, lambda: state(manager, "r") == "ended")
+    stop, resume = h.run_panel("r", "")[6:8]
+    assert stop["interactive"] is False and stop["variant"] == "secondary" and resume["interactive"] is True
+    manager.submit_run("done", json.dumps({"epochs": 1}))
+    wait_for(manager, lambda: state(manager, "done") == "ended")
+    stop, resume = h.run_panel("done", "")[6:8]
+    assert (stop["interactive"], stop["variant"], resume["interactive"]) == (False, "secondary", False)

@@ -180,6 +180,8 @@ def test_browser_picks_models_sees_layers_starts_a_run_and_its_curve(app, tmp_pa
             page.locator("#start-button").click()
             expect(page.locator("#run-status")).to_contain_text("browser-run", timeout=30000)
             expect(page.locator("#run-status")).to_contain_text("finished", timeout=120000)
+            expect(page.locator("#stop-button")).to_be_disabled(timeout=10000)  # a finished run: nothing to
+            expect(page.locator("#resume-button")).to_be_disabled(timeout=10000)  # stop or resume
             expect(page.locator("#accuracy-plot")).to_contain_text("test_top1", timeout=30000)
             expect(page.locator("#accuracy-plot svg .mark-line path")).to_have_count(2, timeout=30000)
             expect(page.locator("#runs-table")).to_contain_text("browser-run", timeout=30000)

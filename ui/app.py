@@ -231,8 +231,8 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                                           max_height=320, elem_id="runs-table")
                 with gr.Row(equal_height=True):
                     run_select = gr.Dropdown(label="run", allow_custom_value=True, elem_id="run-select", scale=3)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
-                    resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
+                    stop_btn = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop-button", scale=1)
+                    resume_btn = gr.Button("Resume", interactive=False, elem_id="resume-button", scale=1)
                     refresh_btn = gr.Button("Refresh", scale=1)
                 run_msg = gr.Markdown(elem_id="run-message")
                 run_md = gr.Markdown(elem_id="run-status")
@@ -259,7 +259,8 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                 sweep_msg = gr.Markdown(elem_id="sweep-message")
                 with gr.Row(equal_height=True):
                     sweep_select = gr.Dropdown(label="sweep", allow_custom_value=True, elem_id="sweep-select", scale=3)
-                    sweep_stop = gr.Button("Stop sweep", variant="stop", elem_id="sweep-stop", scale=1)
+                    sweep_stop = gr.Button("Stop sweep", variant="secondary", interactive=False, elem_id="sweep-stop",
+                                           scale=1)
                 sweep_md = gr.Markdown(elem_id="sweep-status")
                 sweep_grid = gr.Dataframe(interactive=False, label="best test top-1 (%)", elem_id="sweep-grid")
                 heatmap = gr.Image(label="heatmap", type="filepath", interactive=False, elem_id="heatmap")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from kdgraph.errors import UserError
 
-from . import forms, runs
+from . import forms, jobs, runs
 from .forms import FIELDS, MAX_TERMS, TERM_KEYS
 from .jobs import JobManager
 
@@ -174,10 +174,33 @@ class Handlers:
         return f"saved {path}", self.spec_choices()
 
     def _gpus(self, devices: list | None, data: dict) -> list[int] | None:
-        """The GPUs a run asks for: those ticked; none ticked: any free GPU; CPU for ``train.device: cpu``."""
-        if str((data.get("train") or {}).get("device", "auto")) == "cpu":
+        """The GPUs a run asks for: those ticked; none ticked: any free GPU; CPU for ``train.device: cpu``
+        (a CPU slot, even on a machine with GPUs); GPU N for ``train.device: cuda:N``."""
+        device = str((data.get("train") or {}).get("device") or "auto").strip()
+        if device == "cpu":
             return []
-        return [int(d) for d in devices] if devices else None
+        ticked = [int(d) for d in devices or []]
+        pinned = jobs.pinned_gpu(device)
+        if pinned is None:
+            return ticked or None
+        count = self.manager.gpu_count
+        if not 0 <= pinned < count:
+            raise UserError(f"train.device is {device} but this machine has "
+                            + (f"GPUs 0 to {count - 1}" if count > 1 else "GPU 0 only" if count else "no GPU")
+                            + ": pick another GPU, or set train.device to auto or cuda and tick the GPUs")
+        if ticked and set(ticked) != {pinned}:
+            raise UserError(f"train.device is {device} but GPU(s) {', '.join(map(str, ticked))} are ticked: "
+                            f"untick them, or set train.device to auto or cuda")
+        return [pinned]
+
+    @staticmethod
+    def _launch_data(data: dict) -> dict:
+        """The spec as launched: ``train.device: cuda:N`` becomes ``cuda`` -- the run sees only the GPU(s)
+        it was given (``CUDA_VISIBLE_DEVICES``), so its GPU N is cuda:0 there."""
+        train = data.get("train") or {}
+        if jobs.pinned_gpu(train.get("device")) is None:
+            return data
+        return {**data, "train": {**train, "device": "cuda"}}
 
     def start(self, file_name: str, devices: list, overwrite: bool, *values):
         """Start (or queue) the form's spec as a run: ``(message, selected tab, run choice)``."""
@@ -191,8 +214,9 @@ class Handlers:
             return _error("this spec has a sweep: block: save it and start it from the Sweeps tab"), \
                 gr.skip(), gr.skip()
         try:
-            job = self.manager.submit_run(data["name"], forms.launch_text(data, self.specs_dir),
-                                          self._gpus(devices, data), overwrite)
+            gpus = self._gpus(devices, data)
+            job = self.manager.submit_run(data["name"], forms.launch_text(self._launch_data(data), self.specs_dir),
+                                          gpus, overwrite)
         except UserError as e:
             return _error(e), gr.skip(), gr.skip()
         names = runs.run_names(self.runs_dir, self.manager.snapshot())
@@ -230,7 +254,7 @@ class Handlers:
         A Gradio plot keeps the series of the first data it draws, so when the series change (another run,
         a run's first epoch) the plots are cleared first and drawn by the next call.
         """
-        off = gr.update(interactive=False)
+        off = gr.update(interactive=False, variant="secondary")
         if not name:
             return "select a run", None, None, "", {}, "", off, off, ""
         try:
@@ -241,7 +265,13 @@ class Handlers:
         drawn = view["metrics"] and key == plot_key
         plots = (_frame(view["loss"]), _frame(view["accuracy"])) if drawn else (None, None)
         return (view["markdown"], *plots, view["log"], view["summary"], view["spec"],
-                gr.update(interactive=view["can_stop"]), gr.update(interactive=view["can_resume"]), key)
+                self._stop_button(view["can_stop"]), gr.update(interactive=view["can_resume"]), key)
+
+    @staticmethod
+    def _stop_button(active: bool):
+        """The stop button: red and clickable only while the run or sweep is queued, running or stopping
+        (a disabled red button still looks clickable, so it turns grey)."""
+        return gr.update(interactive=active, variant="stop" if active else "secondary")
 
     def run_status(self, name: str) -> dict:
         """A run as data (the ``/run_status`` endpoint): name, status, exit, progress, summary, metrics, log,
@@ -257,7 +287,7 @@ class Handlers:
         if not name:
             return _error("select a run first")
         try:
-            return self.manager.stop(name)
+            return self.manager.stop(jobs.check_name(name))
         except UserError as e:
             return _error(e)
 
@@ -266,7 +296,7 @@ class Handlers:
         if not name:
             return _error("select a run first")
         try:
-            job = self.manager.resume(name)
+            job = self.manager.resume(jobs.check_name(name))
         except UserError as e:
             return _error(e)
         return f"{name}: resuming ({job.state})"
@@ -299,11 +329,18 @@ class Handlers:
     def sweep_panel(self, name: str | None):
         """The sweep view: text, the grid, the heatmap once done, the log tail and the stop button."""
         if not name:
-            return "select a sweep", pd.DataFrame(), None, "", gr.update(interactive=False)
-        view = runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
+            return "select a sweep", pd.DataFrame(), None, "", self._stop_button(False)
+        try:
+            view = runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        except UserError as e:
+            return _error(e), pd.DataFrame(), None, "", self._stop_button(False)
         grid = pd.DataFrame(view["rows"], columns=view["header"] or None)
-        return view["markdown"], grid, view["heatmap"], view["log"], gr.update(interactive=view["can_stop"])
+        return view["markdown"], grid, view["heatmap"], view["log"], self._stop_button(view["can_stop"])
 
     def sweep_status(self, name: str) -> dict:
-        """A sweep as data (the ``/sweep_status`` endpoint): markdown, header, rows, heatmap, log, can_stop."""
-        return runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        """A sweep as data (the ``/sweep_status`` endpoint): markdown, header, rows, heatmap, log, can_stop;
+        or ``{"error": message}``."""
+        try:
+            return runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
+        except UserError as e:
+            return {"error": str(e)}

@@ -5,7 +5,10 @@ A job is ``kdgraph run SPEC --out RUNS/NAME`` (or ``kdgraph sweep SPEC``) starte
 ``RUNS/NAME/output.log``. With GPUs, a run gets the GPU(s) it asked for, or the first free one, through
 ``CUDA_VISIBLE_DEVICES`` (several GPUs: ``--nproc N``, where this kdgraph has it); without, it takes one of
 ``cpu_slots`` CPU slots (``OMP_NUM_THREADS`` = cores / slots). A sweep takes every GPU (or every CPU slot)
-and shares them among its cells itself. Jobs that cannot start yet wait in the queue, in order.
+and shares them among its cells itself. Jobs that cannot start yet wait in the queue, first come first
+served for each resource: a waiting job holds back what it waits for (the GPUs it asked for; every GPU, or
+every CPU slot, for a sweep), so a later job starts before it only on GPUs or CPU slots it does not need --
+a sweep or a multi-GPU run is not starved by a stream of later single-GPU runs.
 
 Stopping sends SIGTERM to the job's main process -- the trainer saves a checkpoint and exits with status
 130; a sweep stops its cells the same way -- and kills the whole process tree after ``stop_timeout``
@@ -40,6 +43,7 @@ OUTPUT_LOG = "output.log"
 LAUNCH_SPEC = "launch.yaml"
 STOPPED = 130  # the trainer's exit status after a graceful stop
 ACTIVE = ("queued", "running", "stopping")
+RECENT_SECONDS = 120.0  # a run dir written to this recently, whose summary says running, is in use
 
 
 @dataclass
@@ -76,6 +80,41 @@ def check_name(name: str) -> str:
         raise UserError(f"{name!r} cannot name a directory of the runs folder: use letters, digits and _.+=- "
                         f"(not starting with a dot)")
     return name
+
+
+def pinned_gpu(device) -> int | None:
+    """N of a ``train.device`` of ``cuda:N`` (None for auto, cpu, cuda, mps)."""
+    match = re.fullmatch(r"cuda:(\d+)", str(device or "").strip())
+    return int(match.group(1)) if match else None
+
+
+def outside_activity(run_dir: str | Path, job: "Job | None" = None, now: float | None = None) -> str | None:
+    """Why ``run_dir`` looks written to by a process this UI does not manage (a ``kdgraph run`` from a
+    shell), or None: its ``summary.json`` says running and its log, metrics, summary or last checkpoint
+    changed in the last :data:`RECENT_SECONDS` -- and not before the UI's own job there ended (then it is
+    that job's last write: the UI knows it is dead)."""
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if status != "running":
+        return None
+    stamps = []
+    for path in ("log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
+        try:
+            stamps.append((run_dir / path).stat().st_mtime)
+        except OSError:
+            pass
+    latest = max(stamps, default=0.0)
+    now = time.time() if now is None else now
+    if now - latest > RECENT_SECONDS:
+        return None
+    if job is not None and not job.active and job.ended and latest <= job.ended:
+        return None
+    return (f"{run_dir} appears to be running outside the UI (its summary.json says running and it was written "
+            f"{max(now - latest, 0):.0f} s ago): stop that run first, or wait {RECENT_SECONDS:.0f} s after it "
+            f"died")
 
 
 def supports_nproc() -> bool:
@@ -270,6 +309,9 @@ class JobManager:
                 raise UserError(f"{run_dir} already holds a run: resume it from the Runs tab, tick "
                                 f"'overwrite' to start it over, or give the spec another name")
             if held:
+                busy = outside_activity(run_dir, self._jobs.get(name))
+                if busy:
+                    raise UserError(busy)
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / LAUNCH_SPEC).write_text(spec_text)
@@ -278,10 +320,13 @@ class JobManager:
 
     def resume(self, name: str, gpus: list[int] | None = None) -> Job:
         """Queue ``kdgraph run ... --resume`` of a stopped, killed or failed run (on the GPUs it had asked
-        for unless ``gpus`` is given)."""
+        for unless ``gpus`` is given; on GPU N for a spec of ``train.device: cuda:N``)."""
         with self._mutex:
             previous = self._idle(name)
             run_dir = self.runs_dir / name
+            busy = outside_activity(run_dir, previous)
+            if busy:
+                raise UserError(busy)
             try:
                 status = json.loads((run_dir / "summary.json").read_text()).get("status")
             except (OSError, ValueError, AttributeError):
@@ -293,8 +338,31 @@ class JobManager:
                 raise UserError(f"{run_dir} holds no spec ({LAUNCH_SPEC} or spec.yaml) to resume")
             if gpus is None and previous is not None:
                 gpus = previous.gpus
+            spec, pinned = self._unpin(spec, run_dir)
+            if pinned is not None:
+                gpus = [pinned]
             return self._enqueue(Job(name=name, spec=str(spec), resume=True, gpus=self._check_gpus(gpus),
                                      submitted=time.time()))
+
+    def _unpin(self, spec: Path, run_dir: Path) -> tuple[Path, int | None]:
+        """A spec of ``train.device: cuda:N`` (say a run started from a shell) rewritten to ``RUNS/NAME/
+        launch.yaml`` with ``device: cuda`` -- the job sees only its GPU, as cuda:0 -- and N; else the spec
+        as it is and None."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(spec.read_text())
+        except (OSError, yaml.YAMLError):
+            return spec, None
+        train = data.get("train") if isinstance(data, dict) else None
+        pinned = pinned_gpu(train.get("device")) if isinstance(train, dict) else None
+        if pinned is None:
+            return spec, None
+        if not 0 <= pinned < self.gpu_count:
+            raise UserError(f"{spec} sets train.device: cuda:{pinned}, but torch sees {self.gpu_count} GPU(s)")
+        train["device"] = "cuda"
+        (run_dir / LAUNCH_SPEC).write_text(yaml.safe_dump(data, sort_keys=False))
+        return run_dir / LAUNCH_SPEC, pinned
 
     def submit_sweep(self, name: str, spec_file: str | Path) -> Job:
         """Queue ``kdgraph sweep SPEC`` (its directory is ``RUNS/NAME``, NAME being the spec's name)."""
@@ -308,13 +376,19 @@ class JobManager:
         """Stop a job: take it out of the queue, or ask it to checkpoint and exit (SIGTERM to its main
         process), or -- already asked -- kill its process tree now. Returns what was done."""
         with self._mutex:
-            job = self._jobs.get(name)
+            job = self._jobs.get(check_name(name))
             if job is None or not job.active:
                 raise UserError(f"{name} is not running or queued")
             if job.state == "queued":
                 job.state, job.ended = "cancelled", time.time()
                 self._save()
                 return f"{name}: taken out of the queue"
+            alive, code = self._poll(job)  # never signal a PID that now names another process
+            if not alive:
+                job.state, job.exit, job.ended = "ended", code, time.time()
+                self._save()
+                self.tick()
+                return f"{name}: had already ended" + ("" if code is None else f" (exit status {code})")
             if job.state == "running":
                 try:
                     os.kill(job.pid, signal.SIGTERM)
@@ -418,8 +492,8 @@ class JobManager:
                 elif job.state == "stopping" and not job.killed and now - job.stop_sent > self.stop_timeout:
                     kill_tree(job.pid)
                     job.killed, changed = True, True
-            busy: set[int] = set()
-            cpu_used = 0
+            busy: set[int] = set()  # GPUs in use, then also those held back for waiting jobs
+            cpu_used = 0            # CPU slots likewise
             for job in self._jobs.values():
                 if job.state in ("running", "stopping"):
                     busy.update(job.assigned or [])
@@ -427,7 +501,16 @@ class JobManager:
                         cpu_used += self.cpu_slots if job.kind == "sweep" else 1
             for job in sorted((j for j in self._jobs.values() if j.state == "queued"), key=lambda j: j.submitted):
                 assigned = self._allocate(job, busy, cpu_used)
-                if assigned is None:
+                if assigned is None:  # it waits, holding back what it waits for (first come, first served)
+                    if job.kind == "sweep":
+                        if self.gpu_count:
+                            busy.update(range(self.gpu_count))
+                        else:
+                            cpu_used = self.cpu_slots
+                    elif job.gpus:
+                        busy.update(job.gpus)
+                    # a run on any GPU or a CPU slot waits because all (not held back) are in use: the
+                    # next one freed goes to it, as it comes before the later jobs
                     continue
                 self._start(job, assigned)
                 changed = True

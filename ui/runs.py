@@ -14,7 +14,7 @@ from kdgraph.errors import UserError
 from kdgraph.report import best_top1, read_json, read_metrics
 from kdgraph.sweep import SWEEP_FILE, failure_reason, grid_table
 
-from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, STOPPED
+from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, STOPPED, check_name
 
 RUN_HEADERS = ["run", "status", "epochs", "best top-1", "final top-1", "teacher top-1", "student", "teacher",
                "methods", "device", "wall time", "exit"]
@@ -55,15 +55,25 @@ def run_log(run_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def _named(name: str) -> bool:
+    try:
+        check_name(name)
+    except UserError:
+        return False
+    return True
+
+
 def run_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
     """Runs of the folder, most recently active first: directories with a ``summary.json`` or launched by
-    the UI (sweep directories are not runs; their cells are listed in the Sweeps tab)."""
+    the UI (sweep directories are not runs; their cells are listed in the Sweeps tab), named as a spec's
+    ``name`` can be (:func:`~kdgraph.ui.jobs.check_name`: what :func:`run_view` accepts)."""
     runs_dir = Path(runs_dir)
     found: dict[str, float] = {}
     if runs_dir.is_dir():
         for d in runs_dir.iterdir():
             known = jobs.get(d.name, {}).get("kind") == "run"
-            if d.is_dir() and not (d / SWEEP_FILE).exists() and ((d / "summary.json").exists() or known):
+            if _named(d.name) and d.is_dir() and not (d / SWEEP_FILE).exists() and \
+                    ((d / "summary.json").exists() or known):
                 stamps = [p.stat().st_mtime for p in (d / "summary.json", d / OUTPUT_LOG, d) if p.exists()]
                 found[d.name] = max(stamps + [jobs.get(d.name, {}).get("submitted") or 0])
     return sorted(found, key=lambda n: (-found[n], n))
@@ -176,8 +186,11 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
     """Everything about one run: ``name``, ``status``, ``exit`` (None while unknown), ``progress`` (see
     :func:`progress`), ``markdown`` (status, progress, accuracies, the error of a failure), ``loss`` and
     ``accuracy`` (curve rows), ``metrics`` (the rows of metrics.jsonl), ``log`` (its tail), ``summary``,
-    ``spec`` (YAML text), ``can_stop`` and ``can_resume``."""
-    run_dir = Path(runs_dir) / name
+    ``spec`` (YAML text), ``can_stop`` and ``can_resume``.
+
+    ``name`` must name a directory of the runs folder (:func:`~kdgraph.ui.jobs.check_name`): it may come
+    from a page's free text or the API, and must not reach files elsewhere."""
+    run_dir = Path(runs_dir) / check_name(name)
     if not run_dir.is_dir():
         raise UserError(f"no run {name!r} in {runs_dir}")
     record = run_record(runs_dir, name, job)
@@ -208,20 +221,25 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
 
 # ---------------------------------------------------------------------------------------------- sweeps
 def sweep_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
-    """Sweep directories (with a ``sweep.json``, or launched by the UI), most recent first."""
+    """Sweep directories (with a ``sweep.json``, or launched by the UI), most recent first (with names
+    :func:`sweep_view` accepts)."""
     runs_dir = Path(runs_dir)
     found: dict[str, float] = {}
     if runs_dir.is_dir():
         for d in runs_dir.iterdir():
-            if d.is_dir() and ((d / SWEEP_FILE).exists() or jobs.get(d.name, {}).get("kind") == "sweep"):
+            if _named(d.name) and d.is_dir() and \
+                    ((d / SWEEP_FILE).exists() or jobs.get(d.name, {}).get("kind") == "sweep"):
                 found[d.name] = max(p.stat().st_mtime for p in (d / SWEEP_FILE, d) if p.exists())
     return sorted(found, key=lambda n: (-found[n], n))
 
 
 def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
     """The sweep panel: ``markdown`` (state and cell counts), ``header`` and ``rows`` of the grid of best
-    top-1 (filled in as cells finish), ``heatmap`` (its path once the sweep is done, else None), ``log``."""
-    sweep_dir = Path(runs_dir) / name
+    top-1 (filled in as cells finish), ``heatmap`` (its path once the sweep is done, else None), ``log``.
+    ``name`` must name a directory of the runs folder (as for :func:`run_view`)."""
+    sweep_dir = Path(runs_dir) / check_name(name)
+    if job is None and not sweep_dir.is_dir():
+        raise UserError(f"no sweep {name!r} in {runs_dir}")
     state = job["state"] if job else "not started here"
     if job and job["state"] == "ended":
         state = f"ended (exit status {job['exit']})" if job.get("exit") is not None else "ended"
