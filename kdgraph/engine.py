@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -404,8 +405,9 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
         return summary
     except Stopped:
         summary["status"] = "stopped"
-        log.line(f"stopped; resume with: kdgraph run {spec.file} --resume"
-                 + (f" --out {rd.path}" if out else f" --runs-dir {runs_dir}"))
+        sets = "".join(f" --set {shlex.quote(o)}" for o in spec.overrides)
+        log.line(f"stopped; resume with: kdgraph run {shlex.quote(str(spec.file))}{sets} --resume"
+                 + (f" --out {shlex.quote(str(rd.path))}" if out else f" --runs-dir {shlex.quote(str(runs_dir))}"))
         raise
     except NonFinite as e:
         summary.update(status="failed", error=str(e))

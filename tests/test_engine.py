@@ -402,7 +402,7 @@ def test_stop_message_names_the_runs_dir_and_its_command_resumes(tmp_path, capsy
     s = spec("selfstop", loss=[{"method": "ce"}, {"method": "tests.userpkg:SelfStop", "at": 0.5}],
              train={"max_steps_per_epoch": 6, "schedule": {"name": "constant"}})
     write(tmp_path / "selfstop.yaml", s)
-    code, out, err = kd(["run", "selfstop.yaml", "--runs-dir", "elsewhere"], capsys)
+    code, out, err = kd(["run", "selfstop.yaml", "--runs-dir", "elsewhere", "--set", "log.every=3"], capsys)
     assert code == 130
     run = tmp_path / "elsewhere" / "selfstop"
     assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
@@ -410,7 +410,7 @@ def test_stop_message_names_the_runs_dir_and_its_command_resumes(tmp_path, capsy
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == 4
     line = next(l for l in out.splitlines() if "resume with:" in l)
     command = line.split("resume with: kdgraph ", 1)[1].split()
-    assert command == ["run", "selfstop.yaml", "--resume", "--runs-dir", "elsewhere"]
+    assert command == ["run", "selfstop.yaml", "--set", "log.every=3", "--resume", "--runs-dir", "elsewhere"]
     code, out, err = kd(command, capsys)  # the printed command continues this run, not a new one in runs/
     assert code == 0, err
     assert not (tmp_path / "runs").exists()
