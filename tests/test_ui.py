@@ -146,7 +146,7 @@ def test_building_at_wrn_in_the_form_gives_its_spec():
     assert problems == "valid"
     built = specs.load_all(SPECS / "at_wrn.yaml", (), text=text)[0].data
     assert built == specs.load_all(SPECS / "at_wrn.yaml")[0].data
-    assert "positions: auto" in text and "weight: 1000.0" in text
+    assert "positions: auto" in text and "weight: 1000," in text and "1000.0" not in text
 
 
 def test_validation_matches_kdgraph_validate(tmp_path, capsys):
@@ -268,7 +268,8 @@ def test_handlers_start_and_follow_a_run(tmp_path, make_manager):
     assert panel[1] is None  # new series: cleared first ...
     panel = h.run_panel("my-run", panel[-1])
     assert set(panel[1]["series"]) == {"loss", "loss/ce", "test_loss"}  # ... drawn next time
-    assert set(panel[2]["series"]) == {"train_top1", "test_top1"}
+    assert set(panel[2]["value"]["series"]) == {"train_top1", "test_top1"}
+    assert panel[2]["y_title"] == "top-1 (%)"  # no top-5 series: the axis does not promise one
     assert h.stop("my-run").startswith("my-run: asked to stop")
     wait_for(manager, lambda: state(manager, "my-run") == "ended")
     status = h.run_status("my-run")
@@ -644,3 +645,91 @@ def test_stop_and_resume_buttons_follow_the_run_status(tmp_path, make_manager):
     wait_for(manager, lambda: state(manager, "done") == "ended")
     stop, resume = h.run_panel("done", "")[6:8]
     assert (stop["interactive"], stop["variant"], resume["interactive"]) == (False, "secondary", False)
+
+
+# ------------------------------------------------------------------------------------ usability fixes
+def test_loss_terms_are_drawn_weighted_so_they_add_up():
+    spec = {"name": "s", "loss": [{"method": "ce"}, {"method": "at", "weight": 1000},
+                                  {"method": "kd", "warmup_epochs": 2}, {"method": "kd", "weight": 0.5}]}
+    weights = runs.term_weights(spec)
+    assert weights == {"ce": (1.0, 0.0), "at": (1000.0, 0.0), "kd": (0.9, 2.0), "kd_1": (0.5, 0.0)}
+    metrics = [{"epoch": e, "loss/ce": 2.0, "loss/at": 0.01, "loss/kd": 1.0, "loss/kd_1": 4.0, "test_loss": 3.0,
+                "loss": 2.0 + 10.0 + 0.9 * min(1.0, (e - 0.5) / 2) + 2.0} for e in (1, 2, 3)]
+    loss, _ = runs.curves(metrics, weights)
+    series = {r["series"] for r in loss}
+    assert series == {"loss", "test_loss", "1·ce", "1000·at", "≈0.9·kd", "0.5·kd_1"}
+    for e in (1, 2, 3):
+        parts = sum(r["value"] for r in loss if r["epoch"] == e and r["series"] not in ("loss", "test_loss"))
+        total = next(r["value"] for r in loss if r["epoch"] == e and r["series"] == "loss")
+        assert parts == pytest.approx(total)
+    assert runs.term_weights(None) == {} and runs.curves(metrics)[0][0]["series"].startswith("loss")
+    assert runs.accuracy_title([{"series": "test_top1"}]) == "top-1 (%)"
+    assert runs.accuracy_title([{"series": "test_top1"}, {"series": "test_top5"}]) == "top-1 / top-5 (%)"
+
+
+def test_an_exact_tap_name_comes_before_the_names_containing_it():
+    names = ["conv1", "block2.0.bn1", "block2.0", "block2:pre", "block2", "block20", "fc"]
+    ordered = forms.tap_choices(names)
+    assert sorted(ordered) == sorted(names)
+    typed = "block2"  # the dropdown picks the first choice containing the typed text on Enter
+    assert next(n for n in ordered if typed in n) == "block2"
+    assert next(n for n in ordered if "block2.0" in n) == "block2.0"
+    assert forms.tap_choices(["a", "b", "c"]) == ["a", "b", "c"]  # otherwise the graph order
+
+
+def test_the_form_is_remembered_and_restored(tmp_path, make_manager):
+    h = Handlers(tmp_path / "specs", tmp_path / "runs", make_manager())
+    form = {**forms.spec_to_form(forms.NEW_SPEC), "name": "unsaved-work"}
+    saved = json.loads(json.dumps(h.remember("unsaved-work.yaml", *h.values(form))))  # as the browser keeps it
+    restored = h.restore(saved)
+    assert list(restored[:len(forms.FIELDS)]) == json.loads(json.dumps(h.values(form)))
+    assert restored[len(forms.FIELDS)] == "unsaved-work.yaml" and "restored" in restored[-1]
+    for nothing in (None, {}, {"form": {"name": "x"}}):  # nothing kept, or another layout: no change
+        assert all(v == gr.skip() for v in h.restore(nothing))
+
+
+def test_weights_are_written_as_integers_when_integral():
+    form = forms.spec_to_form({**forms.NEW_SPEC, "loss": [{"method": "at", "weight": 1000.0}]})
+    assert form["loss.0.weight"] == "1000"
+    data, problems = forms.form_to_spec(form)
+    assert not problems and data["loss"][0]["weight"] == 1000 and "weight: 1000," in forms.spec_yaml(data)
+    assert forms.form_to_spec({**form, "loss.0.weight": "0.5"})[0]["loss"][0]["weight"] == 0.5
+    assert Handlers.method_changed("at", [])[0] == "1000"
+
+
+def test_elapsed_time_never_goes_back_when_a_run_stops():
+    job = {"state": "stopping", "started": 100.0, "base_seconds": 0.0}
+    summary = {"epochs": 5, "epochs_done": 2, "wall_seconds": 22.0}
+    stopping = runs.progress(summary, [], job, now=127.0)["elapsed"]
+    stopped = runs.progress(summary, [], {**job, "state": "ended", "ended": 128.0, "exit": 130}, now=200.0)["elapsed"]
+    assert stopping == 27.0 and stopped == 28.0
+    assert runs.progress(summary, [], None)["elapsed"] == 22.0  # a run the UI did not start: its summary
+
+
+def _run(tmp_path, name, summary, log=""):
+    d = tmp_path / "runs" / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "log.txt").write_text(log)
+    return d
+
+
+def test_run_view_says_latest_top1_teacher_first_and_chance_level(tmp_path):
+    runs_dir = tmp_path / "runs"
+    teacher = _run(tmp_path, "t", {"status": "running", "epochs": 30, "epochs_done": 7})
+    log = f"kdgraph run\nteacher: training t first (from_spec) into {teacher}\n"
+    _run(tmp_path, "s", {"status": "running", "epochs": 3, "epochs_done": 0}, log)
+    job = {"state": "running", "started": time.time()}
+    md = runs.run_view(runs_dir, "s", job)["markdown"]
+    assert "training its teacher first: **t**, epoch 7/30" in md and "select run `t`" in md
+    _run(tmp_path, "going", {"status": "running", "epochs": 3, "epochs_done": 1, "final_top1": 12.0,
+                             "teacher_top1": 10.5, "dataset": "cifar10"})
+    md = runs.run_view(runs_dir, "going", job)["markdown"]
+    assert "latest top-1 12.00%" in md and "final top-1" not in md
+    assert "the teacher is at chance level" in md  # 10.5 <= 100/10 + 2
+    _run(tmp_path, "done", {"status": "finished", "epochs": 3, "epochs_done": 3, "final_top1": 60.0,
+                            "teacher_top1": 75.0, "dataset": "cifar10"})
+    md = runs.run_view(runs_dir, "done", None)["markdown"]
+    assert "final top-1 60.00%" in md and "chance level" not in md
+    assert runs.chance_note({"teacher_top1": 1.0, "dataset": "package.module:callable"}) is None
+    assert runs.chance_note({"teacher_top1": 2.5, "dataset": "cifar100"}) is not None

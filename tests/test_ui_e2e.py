@@ -173,6 +173,14 @@ def test_browser_picks_models_sees_layers_starts_a_run_and_its_curve(app, tmp_pa
             fill("name", "browser-run")
             fill("train-epochs", "2")
             fill("train-max_steps_per_epoch", "3")
+            expect(page.locator("#yaml-preview")).to_contain_text("max_steps_per_epoch: 3", timeout=30000)
+            expect(page.locator("#load-choice input")).to_have_value("")  # no spec picked for you
+            page.wait_for_timeout(1500)  # the form reaches the browser's storage
+            page.reload()  # unsaved work survives a reload
+            expect(page.locator("#name input, #name textarea").first).to_have_value("browser-run", timeout=30000)
+            expect(page.locator("#build-message")).to_contain_text("restored", timeout=30000)
+            expect(page.locator("#yaml-preview")).to_contain_text("max_steps_per_epoch: 3", timeout=30000)
+            expect(page.locator("#yaml-preview")).to_contain_text("teacher.pt", timeout=30000)
             page.locator("#add-term").click()
             expect(page.locator("#loss-1-info")).to_contain_text("works on the logits", timeout=30000)
             expect(page.locator("#yaml-preview")).to_contain_text("method: kd", timeout=30000)

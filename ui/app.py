@@ -26,6 +26,7 @@ from .jobs import JobManager, gpu_list
 from .runs import RUN_HEADERS
 
 POLL_SECONDS = 2.0
+FORM_STORAGE_KEY = "kdgraph-ui-build-form"
 LAYER_WIDTHS = ["38%", "27%", "14%", "21%"]
 
 
@@ -75,7 +76,8 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
             # ------------------------------------------------------------------------------ Build
             with gr.Tab("Build", id="build"):
                 with gr.Row(equal_height=True):
-                    load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), label="spec in the specs folder",
+                    load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), value=None,
+                                              label="spec in the specs folder",
                                               allow_custom_value=True, elem_id="load-choice", scale=4)
                     load_btn = gr.Button("Load into the form", elem_id="load-button", scale=1)
                     new_btn = gr.Button("New spec", elem_id="new-button", scale=1)
@@ -237,10 +239,11 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                 run_msg = gr.Markdown(elem_id="run-message")
                 run_md = gr.Markdown(elem_id="run-status")
                 with gr.Row():
-                    loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="loss", x_title="epoch",
-                                            y_title="loss", elem_id="loss-plot")
+                    loss_plot = gr.LinePlot(x="epoch", y="value", color="series",
+                                            title="loss: the terms as weighted in it (≈: warm-up)",
+                                            x_title="epoch", y_title="loss", elem_id="loss-plot")
                     acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="accuracy (%)",
-                                           x_title="epoch", y_title="top-1 / top-5 (%)", elem_id="accuracy-plot")
+                                           x_title="epoch", y_title="top-1 (%)", elem_id="accuracy-plot")
                 run_log = gr.Textbox(label="log (tail)", lines=14, max_lines=14, autoscroll=True,
                                      interactive=False, elem_id="run-log")
                 with gr.Accordion("summary.json", open=False):
@@ -268,6 +271,8 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                                        interactive=False, elem_id="sweep-log")
                 sweep_names = gr.State([])
         timer = gr.Timer(POLL_SECONDS)
+        # the Build form, kept in this browser's localStorage so that a reload does not lose it
+        saved_form = gr.BrowserState(None, storage_key=FORM_STORAGE_KEY, secret=FORM_STORAGE_KEY)
 
         # -------------------------------------------------------------------------------------- events
         fields = [c[k] for k in FIELDS]
@@ -290,8 +295,12 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
         c["name"].input(lambda n: f"{n.strip()}.yaml" if n.strip() else gr.skip(), c["name"], file_name,
                         trigger_mode="always_last", **private)
 
-        load_btn.click(h.load, load_choice, [*fields, file_name, build_msg], api_name="load_spec")
-        new_btn.click(h.new_spec, None, [*fields, file_name, build_msg], api_name="new_spec")
+        gr.on(changes, h.remember, [file_name, *fields], saved_form, trigger_mode="always_last", **private,
+              **quiet)
+        load_btn.click(h.load, load_choice, [*fields, file_name, build_msg], api_name="load_spec").then(
+            lambda: "", None, save_msg, **private, **quiet)
+        new_btn.click(h.new_spec, None, [*fields, file_name, build_msg], api_name="new_spec").then(
+            lambda: "", None, save_msg, **private, **quiet)
         add_term.click(h.add_term, [c["loss.count"], c["teacher.model"]], [c["loss.count"], *term_widgets], **private)
         for i, s in enumerate(slots):
             method, params = c[f"loss.{i}.method"], c[f"loss.{i}.params"]
@@ -328,6 +337,7 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
         timer.tick(h.sweep_panel, sweep_select, sweep_panel, **private, **quiet)
         sweep_stop.click(h.stop, sweep_select, sweep_msg, api_name="stop_sweep")
 
+        demo.load(h.restore, saved_form, [*fields, file_name, build_msg], **private, **quiet)
         demo.load(h.preview, [file_name, *fields], [yaml_view, problems], **private)
         demo.load(h.term_views, fields, views, **private)
         demo.load(h.trace, [layer_filter, show_pre, *fields], [teacher_table, student_table, trace_note, *taps],

@@ -184,13 +184,20 @@ def _parse_yaml(text: str, what: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ spec -> form
+def _integral(value: Any) -> Any:
+    """``1000`` for ``1000.0`` (a float with an integral value), else ``value``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return int(value)
+    return value
+
+
 def _to_form(kind: str, value: Any) -> Any:
     if kind == "text":
         return "" if value is None else str(value)
     if kind in ("int", "float"):
         return value
     if kind == "number":
-        return "" if value is None else str(value)
+        return "" if value is None else str(_integral(value))
     if kind == "bool":
         return bool(value)
     if kind == "tristate":
@@ -304,7 +311,7 @@ def term_from_form(form: dict, i: int) -> dict:
     term: dict[str, Any] = {"method": method}
     weight = _from_form("number", form.get(f"loss.{i}.weight"), f"loss.{i}.weight")
     if weight is not OMIT:
-        term["weight"] = float(weight)
+        term["weight"] = _integral(float(weight))
     for row in _rows(form.get(f"loss.{i}.params")):
         name, value = str(row[0]).strip(), "" if row[1] is None else str(row[1]).strip()
         if name and value:
@@ -529,6 +536,20 @@ def layer_table(rows: list[dict], text: str = "", pre: bool = True) -> list[list
     text = (text or "").strip().lower()
     return [[r["name"], r["op"], r["kind"], "x".join(map(str, r["shape"]))] for r in rows
             if (pre or r["kind"] != "pre") and (not text or text in r["name"].lower() or text in r["op"].lower())]
+
+
+def tap_choices(names: list[str]) -> list[str]:
+    """The tap names in graph order, but each before every name that contains it (any case), so that the
+    page's dropdown -- which, on Enter, picks the first choice containing the typed text -- picks an exact
+    name (``block2``) over the names that merely contain it (``block2.0.bn1``, listed before their group)."""
+    out: list[str] = []
+    lowered: list[str] = []
+    for name in names:
+        low = name.lower()
+        at = next((j for j, other in enumerate(lowered) if low in other and low != other), len(out))
+        out.insert(at, name)
+        lowered.insert(at, low)
+    return out
 
 
 def form_layers(form: dict) -> tuple[list[dict] | None, list[dict] | None, list[str]]:

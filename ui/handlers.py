@@ -74,6 +74,21 @@ class Handlers:
         form = forms.spec_to_form(forms.NEW_SPEC)
         return (*self.values(form), f"{forms.NEW_SPEC['name']}.yaml", "new spec")
 
+    @staticmethod
+    def remember(file_name: str, *values) -> dict:
+        """What the browser keeps of the Build form (``gr.BrowserState``): the file name and the fields."""
+        return {"file": file_name, "form": dict(zip(FIELDS, values))}
+
+    @staticmethod
+    def restore(saved):
+        """The form kept in the browser (see :meth:`remember`), on a page load: its fields, its file name and
+        a message; nothing changes when the browser keeps none (or one of another form layout)."""
+        form = saved.get("form") if isinstance(saved, dict) else None
+        if not isinstance(form, dict) or set(form) != set(FIELDS):
+            return (*[gr.skip()] * len(FIELDS), gr.skip(), gr.skip())
+        file_name = saved.get("file") if isinstance(saved.get("file"), str) else gr.skip()
+        return (*[form[k] for k in FIELDS], file_name, "restored the form as you left it (kept in this browser)")
+
     def load(self, choice: str):
         """Fill the form with spec ``FILE`` or ``FILE#NAME`` of the specs folder."""
         try:
@@ -110,8 +125,8 @@ class Handlers:
         teacher_rows, student_rows, notes = forms.form_layers(form)
         t_table = forms.layer_table(teacher_rows or [], text, pre)
         s_table = forms.layer_table(student_rows or [], text, pre)
-        t_names = [r["name"] for r in teacher_rows or []]
-        s_names = [r["name"] for r in student_rows or []]
+        t_names = forms.tap_choices([r["name"] for r in teacher_rows or []])
+        s_names = forms.tap_choices([r["name"] for r in student_rows or []])
         counts = []
         for role, rows, table in (("teacher", teacher_rows, t_table), ("student", student_rows, s_table)):
             model = str(form[f"{role}.model"] or "").strip()
@@ -132,7 +147,7 @@ class Handlers:
         for r in rows:
             r[1] = kept.get(r[0], "")
         weight = forms.method_defaults(method).get("weight")
-        return ("" if weight is None else str(weight)), rows, "auto"
+        return forms._to_form("number", weight), rows, "auto"
 
     def add_term(self, count: int, teacher: str):
         """Show one more term slot, set to kd (with a teacher) or ce."""
@@ -263,7 +278,9 @@ class Handlers:
             return _error(e), None, None, "", {}, "", off, off, ""
         key = f"{name}|" + ",".join(sorted({r["series"] for r in view["loss"] + view["accuracy"]}))
         drawn = view["metrics"] and key == plot_key
-        plots = (_frame(view["loss"]), _frame(view["accuracy"])) if drawn else (None, None)
+        accuracy = gr.update(value=_frame(view["accuracy"]) if drawn else None,
+                             y_title=runs.accuracy_title(view["accuracy"]))
+        plots = (_frame(view["loss"]) if drawn else None, accuracy)
         return (view["markdown"], *plots, view["log"], view["summary"], view["spec"],
                 self._stop_button(view["can_stop"]), gr.update(interactive=view["can_resume"]), key)
 

@@ -7,8 +7,11 @@ knows: queued, running or stopping, the exit status, the GPUs.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
+
+import yaml
 
 from kdgraph.errors import UserError
 from kdgraph.report import best_top1, read_json, read_metrics
@@ -16,7 +19,7 @@ from kdgraph.sweep import SWEEP_FILE, failure_reason, grid_table
 
 from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, STOPPED, check_name
 
-RUN_HEADERS = ["run", "status", "epochs", "best top-1", "final top-1", "teacher top-1", "student", "teacher",
+RUN_HEADERS = ["run", "status", "epochs", "best top-1", "latest top-1", "teacher top-1", "student", "teacher",
                "methods", "device", "wall time", "exit"]
 RESUMABLE = ("stopped", "failed", "killed", "interrupted", "cancelled")
 LOSS_KEYS = ("loss", "test_loss")
@@ -137,9 +140,12 @@ def runs_table(runs_dir: str | Path, jobs: dict[str, dict]) -> list[list[str]]:
 
 
 def progress(summary: dict, metrics: list[dict], job: dict | None, now: float | None = None) -> dict:
-    """``{"epoch", "epochs", "elapsed", "remaining"}`` in seconds. While the job runs, elapsed counts its
-    earlier attempts too and remaining is the mean time of the last epochs (up to 5) times the epochs left
-    (None before the first epoch has ended, and once the run is not active)."""
+    """``{"epoch", "epochs", "elapsed", "remaining"}`` in seconds. Elapsed is the wall time of the job's
+    process (from its start to now, or to its end) plus its earlier attempts -- one clock, so it never goes
+    back when the run stops (the summary's ``wall_seconds`` counts training only, without the start-up) --
+    and the summary's ``wall_seconds`` for a run the UI did not start. Remaining is the mean time of the
+    last epochs (up to 5) times the epochs left (None before the first epoch has ended, and once the run
+    is not active)."""
     now = time.time() if now is None else now
     done = summary.get("epochs_done")
     done = len(metrics) if done is None else done
@@ -152,6 +158,9 @@ def progress(summary: dict, metrics: list[dict], job: dict | None, now: float | 
         remaining = per_epoch * max(total - done, 0) if per_epoch is not None and total else None
     else:
         elapsed, remaining = summary.get("wall_seconds"), None
+        if job and job.get("started") and job.get("ended") and job["state"] == "ended":
+            process = (job.get("base_seconds") or 0.0) + max(job["ended"] - job["started"], 0.0)
+            elapsed = max(process, elapsed) if isinstance(elapsed, (int, float)) else process
     return {"epoch": done, "epochs": total, "elapsed": elapsed, "remaining": remaining}
 
 
@@ -167,19 +176,120 @@ def progress_text(p: dict, status: str) -> str:
     return " · ".join(parts)
 
 
-def curves(metrics: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Long-format rows ``{"epoch", "value", "series"}`` for the loss plot (train loss, each term's loss,
-    test loss) and the accuracy plot (train and test top-1, test top-5)."""
+def term_weights(spec: dict | None) -> dict[str, tuple[float, float]]:
+    """``{term name: (weight, warmup epochs)}`` of a run's spec ``loss:`` list (names as in metrics.jsonl:
+    :func:`kdgraph.distiller.term_names`; an omitted weight is the method's canonical one); {} when unknown."""
+    from kdgraph.distiller import term_names
+
+    from .forms import method_class
+
+    loss = (spec or {}).get("loss") if isinstance(spec, dict) else None
+    if loss is None and isinstance(spec, dict) and "name" in spec:
+        loss = [{"method": "ce"}]
+    if not isinstance(loss, list) or not all(isinstance(t, dict) and isinstance(t.get("method"), str) for t in loss):
+        return {}
+    out = {}
+    for name, term in zip(term_names(loss), loss):
+        weight = term.get("weight")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            cls = method_class(term["method"])
+            weight = getattr(cls, "default_weight", 1.0) if cls is not None else 1.0
+        warmup = term.get("warmup_epochs") or 0
+        out[name] = (float(weight), float(warmup) if isinstance(warmup, (int, float)) else 0.0)
+    return out
+
+
+def term_label(name: str, weight: float, warmup: float) -> str:
+    """``1000·at``; ``≈1000·at`` for a term warmed up (its weight is the epoch's average estimate)."""
+    return f"{'≈' if warmup > 0 else ''}{weight:g}·{name}"
+
+
+def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None = None) -> tuple[list[dict], list[dict]]:
+    """Long-format rows ``{"epoch", "value", "series"}`` for the loss plot (train loss, each term, test loss)
+    and the accuracy plot (train and test top-1, test top-5).
+
+    With the run's ``weights`` (:func:`term_weights`), each term is drawn as its weighted contribution to
+    ``loss`` (metrics.jsonl holds the unweighted term), labelled ``WEIGHT·NAME`` -- the parts add up to the
+    total; a term with ``warmup_epochs`` w counts ``weight·min(1, (epoch - 0.5)/w)`` (the epoch's average
+    weight) and its label starts with ≈. A term without a known weight keeps its ``loss/NAME`` label."""
     loss, acc = [], []
+    weights = weights or {}
     for m in metrics:
         for key, value in m.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if key in LOSS_KEYS or key.startswith("loss/"):
+            if key.startswith("loss/") and key[5:] in weights:
+                weight, warmup = weights[key[5:]]
+                factor = weight * min(1.0, max(m["epoch"] - 0.5, 0.0) / warmup) if warmup > 0 else weight
+                loss.append({"epoch": m["epoch"], "value": float(value) * factor,
+                             "series": term_label(key[5:], weight, warmup)})
+            elif key in LOSS_KEYS or key.startswith("loss/"):
                 loss.append({"epoch": m["epoch"], "value": float(value), "series": key})
             elif key in ACCURACY_KEYS:
                 acc.append({"epoch": m["epoch"], "value": float(value), "series": key})
     return loss, acc
+
+
+def accuracy_title(rows: list[dict]) -> str:
+    """The accuracy plot's y title from the series drawn: ``top-1 (%)`` or ``top-1 / top-5 (%)``."""
+    top5 = any(r["series"].endswith("top5") for r in rows)
+    return "top-1 / top-5 (%)" if top5 else "top-1 (%)"
+
+
+TEACHER_FIRST = re.compile(r"teacher: training (\S+) first \(from_spec\) into (.+?)\s*$", re.M)
+
+
+def teacher_first(log: str | Path, runs_dir: str | Path) -> str | None:
+    """While a student's teacher trains first (``from_spec``), a line about it -- the teacher run's name and
+    epoch from the directory the engine's log line names -- else None."""
+    matches = TEACHER_FIRST.findall(tail(log, 200))
+    if not matches:
+        return None
+    name, where = matches[-1]
+    tdir = Path(where)
+    summary = read_json(tdir / "summary.json") or {}
+    done = summary.get("epochs_done")
+    done = len(read_metrics(tdir)) if done is None and tdir.is_dir() else (done or 0)
+    total = summary.get("epochs") or "?"
+    line = f"training its teacher first: **{name}**, epoch {done}/{total}"
+    try:
+        inside = tdir.resolve().parent == Path(runs_dir).resolve()
+    except OSError:
+        inside = False
+    if inside:
+        line += f" — select run `{tdir.name}` to follow it"
+    else:
+        line += f" (in {tdir})"
+    return line
+
+
+def chance_note(summary: dict) -> str | None:
+    """A warning when the teacher's top-1 is at or below chance level + 2 points (100 / classes; the number
+    of classes from the dataset registry, when it says), else None."""
+    top1, dataset = summary.get("teacher_top1"), summary.get("dataset")
+    if not isinstance(top1, (int, float)) or not isinstance(dataset, str):
+        return None
+    try:
+        from kdgraph.data import DATASETS
+
+        classes = DATASETS.meta(dataset).get("num_classes")
+    except Exception:  # noqa: BLE001 -- an unknown or custom dataset: no check
+        return None
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        return None
+    chance = 100.0 / classes
+    if top1 > chance + 2:
+        return None
+    return (f"⚠ the teacher is at chance level ({top1:.2f}% top-1, chance {chance:.2f}% with {classes} classes) — "
+            f"is its checkpoint right?")
+
+
+def _spec_data(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | None = None) -> dict:
@@ -197,22 +307,30 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
     summary, status = record["summary"], record["status"]
     metrics = read_metrics(run_dir)
     lines = [f"### {name}: {status}" + (f" (exit status {record['exit']})" if record["exit"] is not None else "")]
+    log = run_log(run_dir)
     lines.append(progress_text(progress(summary, metrics, job, now), status))
+    if status in ACTIVE and not metrics:
+        first = teacher_first(log, runs_dir)
+        if first:
+            lines.append(first)
+    final = "final top-1" if status == "finished" else "latest top-1"
     accuracies = [f"{label} {_pct(record[key])}%" for key, label in
-                  [("best_top1", "best top-1"), ("final_top1", "final top-1"), ("teacher_top1", "teacher top-1")]
+                  [("best_top1", "best top-1"), ("final_top1", final), ("teacher_top1", "teacher top-1")]
                   if record[key] is not None]
     if accuracies:
         lines.append(" · ".join(accuracies))
+    chance = chance_note(summary)
+    if chance:
+        lines.append(chance)
     if record["device"]:
         lines.append(f"device: {record['device']}")
-    log = run_log(run_dir)
     if status in ("failed", "killed", "interrupted"):
         reason = summary.get("error") or failure_reason(log) or (job or {}).get("note") or ""
         lines.append(f"**{status}**" + (f": {reason}" if reason else "") + " — see the log below")
     if job and job.get("note"):
         lines.append(job["note"])
     spec = run_dir / "spec.yaml" if (run_dir / "spec.yaml").exists() else run_dir / LAUNCH_SPEC
-    loss, acc = curves(metrics)
+    loss, acc = curves(metrics, term_weights(_spec_data(spec)) if spec.exists() else None)
     return {"name": name, "status": status, "exit": record["exit"], "progress": progress(summary, metrics, job, now),
             "markdown": "\n\n".join(lines), "loss": loss, "accuracy": acc, "metrics": metrics, "log": tail(log),
             "summary": summary, "spec": spec.read_text() if spec.exists() else "", "can_stop": status in ACTIVE,
