@@ -109,8 +109,8 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
                   pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
                   persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
 
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(
-        len(train_set), seed=seed, shuffle=True, rank=rank, world=world), drop_last=False,
+    train_loader = DataLoader(SeededDataset(train_set), batch_size=batch_size, sampler=EpochSampler(
+        len(train_set), seed=seed, shuffle=True, rank=rank, world=world, seeds=True), drop_last=False,
         generator=torch.Generator().manual_seed(seed + rank), **common)
     test_loader = DataLoader(test_set, batch_size=test_batch_size, sampler=EpochSampler(
         len(test_set), shuffle=False, rank=rank, world=world),
@@ -144,8 +144,10 @@ class EpochSampler(torch.utils.data.Sampler):
     Without shuffling, shards are contiguous and nothing is repeated (evaluation counts every sample once).
     """
 
-    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 seeds: bool = False):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.seeds = seeds  # yield (index, sample seed) pairs for a SeededDataset
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -161,10 +163,58 @@ class EpochSampler(torch.utils.data.Sampler):
         return order[self.rank::self.world].tolist()
 
     def __iter__(self):
-        return iter(self._indices()[self.start:])
+        indices = self._indices()[self.start:]
+        if not self.seeds:
+            return iter(indices)
+        # the seed of the sample at global position q of the epoch's order (the same for any rank count)
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        return ((i, (base + self.rank + (self.start + j) * self.world) % 2**63) for j, i in enumerate(indices))
 
     def __len__(self) -> int:
         return max(0, len(self._indices()) - self.start)
+
+
+class SeededDataset(Dataset):
+    """A training set whose random augmentation is a function of the sample's place in the epoch.
+
+    The sampler (``EpochSampler(seeds=True)``) hands out ``(index, seed)`` pairs and each sample is drawn
+    right after seeding torch's, Python's and NumPy's generators with its seed, in whichever process loads
+    it. So the augmentation of every sample is fixed by (seed, epoch, position): the same with 0 or 8
+    worker processes, with 1 or 4 training processes, and after a resume in the middle of an epoch. A
+    data set with a batched ``__getitems__`` gets the seed of its batch's first sample. Plain indices are
+    passed through unseeded.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # classes, targets, transform... of the wrapped data set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, seed = item
+            _seed_all(seed)
+            return self.dataset[index]
+        return self.dataset[item]
+
+    def __getitems__(self, items):
+        many = getattr(self.dataset, "__getitems__", None)
+        if many is None or not items or not isinstance(items[0], tuple):
+            return [self[i] for i in items]
+        _seed_all(items[0][1])
+        return many([i for i, _ in items])
+
+
+def _seed_all(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _rank_world() -> tuple[int, int]:
