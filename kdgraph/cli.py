@@ -104,22 +104,13 @@ def cmd_schema(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from . import spec as specs
-    from .spec.check import check
+    from .spec.check import validate
 
     problems, count = [], 0
     for file in args.spec:
-        try:
-            loaded = specs.load_all(file, args.overrides)
-        except SpecError as e:
-            problems.extend(e.problems)
-            continue
-        except UserError as e:
-            problems.append((file, 1, 1, "", str(e)))
-            continue
-        for s in loaded:
-            count += 1
-            problems.extend(check(s))
+        found, n = validate(file, args.overrides)
+        problems += found
+        count += n
     if problems:
         raise SpecError(problems)
     print(f"{count} spec(s) valid")

@@ -277,7 +277,7 @@ def _teacher_spec(spec: specs.Spec, runs_dir: Path) -> tuple[specs.Spec, Path]:
     teacher = chosen[0]
     # A teacher learns this spec's data: where the data set differs (e.g. a CIFAR recipe's teacher named by
     # a spec switched to digits), the teacher's spec follows this one.
-    follow = [f"data.{k}={_flow(spec.data['data'].get(k))}" for k in _TEACHER_DATA
+    follow = [f"data.{k}={specs.flow_text(spec.data['data'].get(k))}" for k in _TEACHER_DATA
               if spec.data["data"].get(k) != teacher.data["data"].get(k)]
     if follow:
         inherited += follow
@@ -289,11 +289,6 @@ def _teacher_spec(spec: specs.Spec, runs_dir: Path) -> tuple[specs.Spec, Path]:
 
 
 _TEACHER_DATA = ("dataset", "root", "download", "options")  # what a from_spec teacher takes from the student's spec
-
-
-def _flow(value) -> str:
-    """``value`` as one line of YAML, for a ``--set`` override."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
 
 
 def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Logger, echo) -> nn.Module | None:

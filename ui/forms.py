@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from kdgraph import spec as specs
-from kdgraph.errors import SpecError, UserError, format_problem
+from kdgraph.errors import UserError, format_problem
 
 MAX_TERMS = 4
 NO_TEACHER = "(none)"
@@ -92,10 +92,7 @@ OMIT = _Omit()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def yaml_text(value: Any) -> str:
-    """``value`` as one line of YAML flow text (what a table cell or a one-line box shows)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
-    return text.removesuffix("\n...\n").strip()
+yaml_text = specs.flow_text  # one line of YAML flow text (what a table cell or a one-line box shows)
 
 
 def spec_yaml(data: dict) -> str:
@@ -374,24 +371,14 @@ def form_to_spec(form: dict) -> tuple[dict, list[str]]:
 def validate(text: str, file: str | Path) -> list[str]:
     """The problems ``kdgraph validate FILE`` prints for ``text`` saved as ``file``, one line each
     (``FILE:LINE:COL: key.path: message``); [] when the spec is valid."""
-    from kdgraph.spec.check import check
+    from kdgraph.spec.check import validate as validate_file
 
     file = str(file)
     try:
-        loaded = specs.load_all(file, (), text=text)
-    except SpecError as e:
-        return [format_problem(*p) for p in e.problems]
-    except UserError as e:
-        return [format_problem(file, 1, 1, "", str(e))]
-    problems = []
-    for s in loaded:
-        try:
-            with TRACE_LOCK:
-                problems.extend(check(s))
-        except UserError as e:
-            problems.append((file, 1, 1, "", str(e)))
-        except Exception as e:  # noqa: BLE001 - a user's model or method failing to build or trace
-            problems.append((file, 1, 1, "", f"{type(e).__name__}: {e}"))
+        with TRACE_LOCK:
+            problems, _ = validate_file(file, text=text)
+    except Exception as e:  # noqa: BLE001 - a user's model or method failing to build or trace
+        problems = [(file, 1, 1, "", f"{type(e).__name__}: {e}")]
     return [format_problem(*p) for p in problems]
 
 

@@ -76,7 +76,9 @@ class Job:
 
 def check_name(name: str) -> str:
     """A run or sweep name usable as a directory of the runs folder (no path, no leading dot)."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
+    from kdgraph.spec import schema
+
+    if not isinstance(name, str) or not re.fullmatch(schema()["properties"]["name"]["pattern"], name):
         raise UserError(f"{name!r} cannot name a directory of the runs folder: use letters, digits and _.+=- "
                         f"(not starting with a dot)")
     return name

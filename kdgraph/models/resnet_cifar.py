@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .wrn import init_conv_bn
 
 
 class BasicBlock(nn.Module):
@@ -55,12 +56,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:

@@ -12,6 +12,16 @@ from torch import nn
 from ..errors import UserError
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """He (fan-out) initialisation of every conv, BatchNorm at weight 1 and bias 0 (CIFAR ResNets/WRNs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def blocks_per_stage(depth: int, widen_factor: int) -> int:
     """The number ``n`` of blocks per stage of ``WRN-depth-widen_factor``; a UserError if there is none."""
     if depth < 10 or (depth - 4) % 6:
@@ -68,14 +78,8 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
+        nn.init.zeros_(self.fc.bias)
 
     @staticmethod
     def _stage(in_planes: int, out_planes: int, n: int, stride: int, dropout: float) -> nn.Sequential:

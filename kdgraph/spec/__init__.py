@@ -48,6 +48,12 @@ class Spec:
         return self.data.get(key, default)
 
 
+def flow_text(value) -> str:
+    """``value`` as one line of YAML flow text (a ``--set`` value, a table cell, a one-line box)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
+
+
 def dotted(path: Iterable) -> str:
     return ".".join(str(p) for p in path)
 

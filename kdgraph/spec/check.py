@@ -9,9 +9,27 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import SpecError, UserError
 from ..graph import layers
-from . import Spec
+from . import Spec, load_all
+
+
+def validate(file, overrides=(), text: str | None = None) -> tuple[list[tuple], int]:
+    """What ``kdgraph validate FILE`` reports: ``(problems, number of specs)``; ``text`` stands for the file's
+    contents when given. Problems are ``(file, line, col, key path, message)``."""
+    try:
+        loaded = load_all(file, overrides, text=text)
+    except SpecError as e:
+        return list(e.problems), 0
+    except UserError as e:
+        return [(str(file), 1, 1, "", str(e))], 0
+    problems = []
+    for s in loaded:
+        try:
+            problems.extend(check(s))
+        except UserError as e:
+            problems.append((str(file), 1, 1, "", str(e)))
+    return problems, len(loaded)
 
 
 def static_dataset_info(data: dict) -> tuple[int, tuple] | None:
