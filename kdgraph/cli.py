@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdgraph: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `kdgraph layers MODEL | head`: the reader left, which is no error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
 
 
 def cmd_schema(args) -> int:

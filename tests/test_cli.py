@@ -279,3 +279,17 @@ def test_tune_allocator_applies_on_glibc_and_respects_the_user(monkeypatch):
     monkeypatch.delenv("KDGRAPH_MALLOC")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert tune_allocator() is False
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`kdgraph layers MODEL | head` ends quietly, without a BrokenPipeError traceback."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "kdgraph", "layers", "torchvision:densenet201", "--json",
+                          "--input-size", "3", "64", "64"],  # 130 kB: more than a pipe buffer holds
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "Traceback" not in err and p.returncode in (0, 141), err
