@@ -344,3 +344,40 @@ def test_two_ranks_draw_what_one_process_draws(tmp_path, monkeypatch):
     assert set(even) | set(odd) == set(one)
     for index, image in {**even, **odd}.items():
         assert torch.equal(image, one[index])
+
+
+# ---------------------------------------------------------------- sample indices
+@pytest.mark.parametrize("loader", ["workers", "tensor"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_carry_each_samples_index(loader, workers):
+    """``indices=True``: (x, y, index) where index is the sample's row of the training set, in both loaders,
+    with worker processes, on two ranks' shards (whose union is one process's batch), and mid-epoch."""
+    from kdgraph.data import EpochSampler, train_targets
+
+    if loader == "tensor" and workers:
+        pytest.skip("the tensor loader has no worker processes")
+    cfg = data_cfg("digits", batch_size=64, augment=False, workers=workers, persistent_workers=False,
+                   loader=loader)
+    train, test, _ = build_loaders(cfg, seed=2, indices=True)
+    targets = train_targets(train)
+    dataset = train.dataset
+    assert targets is not None and len(targets) == len(dataset) == 1437
+    train.sampler.set_epoch(3)
+    batches = list(train)
+    seen = torch.cat([b[2] for b in batches])
+    assert seen.dtype == torch.int64 and sorted(seen.tolist()) == list(range(1437))
+    for x, y, index in batches[:3]:
+        assert torch.equal(y, targets[index])
+        raw = dataset[int(index[0])] if loader == "workers" else None
+        if raw is not None:  # the plain data set's own sample at that index
+            assert torch.equal(x[0], raw[0]) and int(y[0]) == int(raw[1])
+    assert all(len(b) == 2 for b in test)  # the test loader is unchanged
+    train.sampler.set_epoch(3, 64)
+    assert torch.equal(next(iter(train))[2], batches[1][2])  # a resumed epoch continues the same indices
+
+    shards = []
+    for rank in (0, 1):  # two ranks, each half the batch: their first batches make one process's first
+        sampler = EpochSampler(1437, seed=2, rank=rank, world=2, seeds=loader == "workers")
+        sampler.set_epoch(3)
+        shards.append([i if isinstance(i, int) else i[0] for i in sampler][:32])
+    assert sorted(shards[0] + shards[1]) == sorted(batches[0][2].tolist())

@@ -1,6 +1,7 @@
 """``kdgraph.Distiller`` in a hand-written training loop, and the engine's compile/channels_last/bf16 path."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from kdgraph import Distiller
 from kdgraph.cli import main
 from kdgraph.data.digits import digits_split
 from kdgraph.distiller import TermProblems
+from kdgraph.graph import tap
 from kdgraph.models import build_model
 
 
@@ -37,7 +39,7 @@ def test_a_hand_written_loop_trains_the_student_and_never_touches_the_teacher(ba
     assert d.names == ["ce", "kd", "margin_relu"]
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert all(m.training and not m.track_running_stats for m in bns)  # Heo et al.: batch statistics
+    assert all(not m.training and m.track_running_stats for m in bns)  # margin_relu has a view of its own
     assert student.training
     params = d.trainable_parameters()
     connectors = list(d.terms.parameters())
@@ -91,3 +93,55 @@ def test_compile_channels_last_bf16_run(tmp_path):
         torch.set_num_threads(n)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["epoch"] == 1 and row["loss/at"] > 0 and row["loss"] == row["loss"]  # finite
+
+
+def test_kd_with_margin_relu_sees_the_eval_mode_teacher_and_the_teacher_is_never_switched(batches):
+    """margin_relu asks for batch statistics; kd in the same loss list still gets the eval-mode teacher."""
+    from kdgraph.losses import Outputs
+    from kdgraph.losses.terms import KD, MarginReLU
+
+    student, teacher = _pair()
+    with torch.no_grad():  # running statistics far from any batch's, so the two modes differ clearly
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    teacher.eval()  # what the Distiller keeps it in
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [(m.training, getattr(m, "track_running_stats", None)) for m in teacher.modules()]
+    seen: dict[str, Outputs] = {}
+    originals = {cls: cls.forward for cls in (KD, MarginReLU)}
+
+    def spy(cls, key):
+        def forward(self, out):
+            seen[key] = out
+            return originals[cls](self, out)
+        return forward
+
+    x, y = batches[0]
+    d = Distiller(student, teacher, [{"method": "kd"}, {"method": "margin_relu"}], input_shape=(3, 16, 16),
+                  log=lambda s: None)
+    d.setup(x, batches=batches)
+    try:
+        KD.forward, MarginReLU.forward = spy(KD, "kd"), spy(MarginReLU, "margin_relu")
+        d(x, y)
+    finally:
+        KD.forward, MarginReLU.forward = originals[KD], originals[MarginReLU]
+
+    eval_teacher = copy.deepcopy(teacher).eval()
+    batch_teacher = copy.deepcopy(teacher).train()  # batch statistics (its running stats update: a copy)
+    with torch.no_grad():
+        eval_logits, batch_logits = eval_teacher(x), batch_teacher(x)
+    assert not torch.allclose(eval_logits, batch_logits, atol=1e-2)
+    torch.testing.assert_close(seen["kd"].teacher_logits, eval_logits, rtol=0, atol=0)
+    torch.testing.assert_close(seen["margin_relu"].teacher_logits, batch_logits, rtol=1e-5, atol=1e-5)
+    t_tap = d.terms[1].pairs[-1][0]
+    with torch.no_grad():
+        expected = tap(copy.deepcopy(teacher).train(), [t_tap])(x)[1][t_tap]
+    torch.testing.assert_close(seen["margin_relu"].teacher_feats[t_tap], expected, rtol=1e-5, atol=1e-5)
+    # the user's teacher: same flags, same buffers, after construction, setup, steps and train()/eval()
+    d.train()
+    d.eval()
+    assert [(m.training, getattr(m, "track_running_stats", None)) for m in teacher.modules()] == flags
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, frozen[k]), k

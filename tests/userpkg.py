@@ -100,3 +100,37 @@ class PlainNet(nn.Module):
         x = F.relu(self.conv1(x), inplace=True)
         x = F.relu(self.conv2(x))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class InitHint(FeatureTerm):
+    """A user term with a pre-training stage: its connector (and, with ``train_student``, the student's first
+    conv) first learns to match the teacher's last stage, then the same loss distils."""
+
+    auto = "last"
+    always_connect = True
+    init_epochs = 1
+
+    def __init__(self, weight=None, warmup_epochs=0.0, train_student: bool = False):
+        super().__init__(weight, warmup_epochs)
+        self.train_student = train_student
+
+    def init_loss(self, out):
+        return sum(F.mse_loss(s, t) for s, t in self.pairs_of(out))
+
+    def init_parameters(self, student):
+        own = super().init_parameters(student)
+        return own + list(student.conv1.parameters()) if self.train_student else own
+
+    def forward(self, out):
+        return self.init_loss(out)
+
+
+class IndexSpy(Term):
+    """A logit term (zero loss) that records ``out.index`` of each call in ``IndexSpy.seen``."""
+
+    needs_teacher = False
+    seen: list = []
+
+    def forward(self, out):
+        IndexSpy.seen.append(out.index)
+        return out.logits.sum() * 0.0

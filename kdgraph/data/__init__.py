@@ -29,6 +29,8 @@ Loaders: :func:`build_loaders` shuffles the training set in an order fixed by th
 (and the seeds of worker processes) repeat for a given ``seed``; with ``distributed=True`` it uses
 shards of the same order across ranks. Both use :class:`EpochSampler`: call
 ``train_loader.sampler.set_epoch(epoch)`` before each epoch (the order is a function of seed and epoch).
+With ``indices=True`` the training loader yields ``(x, y, index)``: ``index`` (int64) holds each
+sample's position in the training set, for terms that keep per-sample state (CRD's memory bank).
 
 The spec's ``data.loader`` picks the loader: ``workers`` (default) is a torch ``DataLoader`` running the
 per-sample torchvision transforms in ``workers`` processes; ``tensor`` is a
@@ -51,7 +53,8 @@ from ..errors import UserError, did_you_mean
 from .base import DATASETS, DatasetInfo
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
 
-__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "build_datasets", "build_loaders", "seed_worker"]
+__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "build_datasets", "build_loaders", "seed_worker",
+           "train_targets"]
 
 _BUILDER_ARGS = ("root", "train", "augment", "download")
 
@@ -86,11 +89,13 @@ LOADERS = ("workers", "tensor")
 
 
 def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = False,
-                  device: torch.device | str | None = None) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+                  device: torch.device | str | None = None,
+                  indices: bool = False) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """``(train_loader, test_loader, info)``: a shuffled training loader and an ordered test loader.
 
     With ``loader: tensor`` both are :class:`~kdgraph.data.tensor.TensorLoader` s whose data and batches live
     on ``device`` (default: the CPU); the ``workers`` loaders ignore ``device`` (batches come on the CPU).
+    With ``indices`` the training loader yields ``(x, y, index)`` (each sample's index in the training set).
     """
     kind = cfg.get("loader") or "workers"
     if kind not in LOADERS:
@@ -102,14 +107,14 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
     rank, world = _rank_world() if distributed else (0, 1)
     if kind == "tensor":
         return (*_tensor_loaders(cfg, train_set, test_set, info, batch_size, test_batch_size, workers, seed,
-                                 rank, world, device), info)
+                                 rank, world, device, indices), info)
     pin_memory = cfg.get("pin_memory")
     persistent = cfg.get("persistent_workers")
     common = dict(num_workers=workers, worker_init_fn=seed_worker,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
                   persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
 
-    train_loader = DataLoader(SeededDataset(train_set), batch_size=batch_size, sampler=EpochSampler(
+    train_loader = DataLoader(SeededDataset(train_set, indices=indices), batch_size=batch_size, sampler=EpochSampler(
         len(train_set), seed=seed, shuffle=True, rank=rank, world=world, seeds=True), drop_last=False,
         generator=torch.Generator().manual_seed(seed + rank), **common)
     test_loader = DataLoader(test_set, batch_size=test_batch_size, sampler=EpochSampler(
@@ -119,7 +124,7 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
 
 
 def _tensor_loaders(cfg, train_set, test_set, info: DatasetInfo, batch_size: int, test_batch_size: int,
-                    workers: int, seed: int, rank: int, world: int, device):
+                    workers: int, seed: int, rank: int, world: int, device, indices: bool):
     from .tensor import TensorLoader, tensor_source
 
     loaders = []
@@ -131,9 +136,26 @@ def _tensor_loaders(cfg, train_set, test_set, info: DatasetInfo, batch_size: int
             raise UserError(f"loader: tensor: {name} holds images of shape {tuple(source.images.shape[1:])}, "
                             f"not the dataset's input_shape {tuple(info.input_shape)}; use `loader: workers`")
         sampler = EpochSampler(len(source.images), seed=seed, shuffle=shuffle, rank=rank, world=world)
-        loaders.append(TensorLoader(source, size, sampler, device=device, dataset=dataset,
+        loaders.append(TensorLoader(source, size, sampler, device=device, dataset=dataset, indices=indices and shuffle,
                                     generator=torch.Generator().manual_seed(seed + rank if shuffle else seed)))
     return loaders
+
+
+def train_targets(loader) -> torch.Tensor | None:
+    """The class label of every sample of ``loader``'s data set, by index (CPU int64), or ``None`` if unknown.
+
+    Read from a :class:`~kdgraph.data.tensor.TensorLoader`'s source or from the data set's ``targets``
+    attribute (torchvision's data sets, ``digits``); nothing is loaded to find them.
+    """
+    source = getattr(loader, "source", None)
+    targets = source.targets if source is not None else getattr(loader.dataset, "targets", None)
+    if targets is None:
+        return None
+    try:
+        targets = torch.as_tensor(targets).long().reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return targets if len(targets) == len(loader.dataset) else None
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -182,11 +204,12 @@ class SeededDataset(Dataset):
     it. So the augmentation of every sample is fixed by (seed, epoch, position): the same with 0 or 8
     worker processes, with 1 or 4 training processes, and after a resume in the middle of an epoch. A
     data set with a batched ``__getitems__`` gets the seed of its batch's first sample. Plain indices are
-    passed through unseeded.
+    passed through unseeded. With ``indices`` each sample ``(x, y)`` comes as ``(x, y, index)``.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, indices: bool = False):
         self.dataset = dataset
+        self.indices = indices
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -197,18 +220,21 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
         if isinstance(item, tuple):
-            index, seed = item
-            _seed_all(seed)
-            return self.dataset[index]
-        return self.dataset[item]
+            _seed_all(item[1])
+        return self._indexed(self.dataset[index], index)
 
     def __getitems__(self, items):
         many = getattr(self.dataset, "__getitems__", None)
         if many is None or not items or not isinstance(items[0], tuple):
             return [self[i] for i in items]
         _seed_all(items[0][1])
-        return many([i for i, _ in items])
+        indices = [i for i, _ in items]
+        return [self._indexed(s, i) for s, i in zip(many(indices), indices)]
+
+    def _indexed(self, sample, index: int):
+        return (*sample, index) if self.indices else sample
 
 
 def _seed_all(seed: int) -> None:

@@ -262,6 +262,7 @@ class TensorLoader:
     The interface the engine uses of a ``DataLoader``: ``len()`` (batches left in the epoch),
     ``batch_size``, ``sampler`` (an :class:`~kdgraph.data.EpochSampler`: ``set_epoch(epoch[, start])``),
     ``generator`` and iteration over ``(x, y)``: x float32 (B, C, H, W) normalised, y int64, both on
+    ``device``; with ``indices``, ``(x, y, index)``, index int64 (each sample's row of the source) on
     ``device``. The last batch may be smaller (``drop_last`` is False).
 
     The crop offsets and flips of sample position p of an epoch (p counts from the epoch's start, on
@@ -276,8 +277,9 @@ class TensorLoader:
     persistent_workers = False
 
     def __init__(self, source: TensorSource, batch_size: int, sampler, *, device=None, dataset=None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, indices: bool = False):
         self.device = torch.device(device if device is not None else "cpu")
+        self.indices = indices
         self.batch_size = int(batch_size)
         self.sampler = sampler
         self.generator = generator if generator is not None else torch.Generator()
@@ -325,7 +327,7 @@ class TensorLoader:
             idx = order[b:b + self.batch_size]
             sl = slice(b, b + self.batch_size)
             x = self.augment(idx, dy[sl], dx[sl], flip[sl]) if augment else self.images[idx]
-            yield self.normalise(x), self.targets[idx]
+            yield (self.normalise(x), self.targets[idx]) + ((idx,) if self.indices else ())
 
     def augment(self, idx: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
         """Padded random crops (offsets ``dy``, ``dx`` in [0, 2*padding]) and flips of images ``idx``, one gather."""

@@ -13,19 +13,23 @@ from ..graph import PRE, stage_ends
 from ..registry import Registry
 from . import functional
 from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
+from .terms import CRD, ReviewKD, gather
 
 LOSSES = Registry("loss method")
 for _name, _cls in [("ce", CE), ("kd", KD), ("dkd", DKD), ("at", AT), ("sp", SP), ("fitnet", FitNet),
                     ("nst", NST), ("pkt", PKT), ("rkd", RKD), ("margin_relu", MarginReLU)]:
     LOSSES.register(_name)(_cls)
+for _name, _cls in [("crd", CRD), ("reviewkd", ReviewKD)]:  # stateful methods: memory bank, fusion pyramid
+    LOSSES.register(_name)(_cls)
 
-__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "term_params"]
+__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "gather", "term_params"]
 
 _COMMON = {"method", "weight", "positions", "warmup_epochs"}
+_FRAMEWORK = ("init_epochs", "lr_scale")  # keys every term takes, set as attributes after construction
 
 
 def term_params(cls) -> dict:
-    """The method's parameters and their defaults (``weight`` included)."""
+    """The method's parameters and their defaults (``weight``, ``init_epochs`` and ``lr_scale`` included)."""
     params = {}
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
@@ -33,22 +37,52 @@ def term_params(cls) -> dict:
         params[name] = None if p.default is inspect.Parameter.empty else p.default
     if params.get("weight") is None:
         params["weight"] = getattr(cls, "default_weight", 1.0)
+    for name in _FRAMEWORK:
+        params.setdefault(name, getattr(cls, name, Term.__dict__[name]))
     return params
 
 
-def _auto(rows: list[dict], term) -> list[str]:
+def _framework_keys(term, cfg: dict) -> list[tuple[tuple, str]]:
+    """Set ``init_epochs`` / ``lr_scale`` from the spec entry; problems as ``(key, message)``."""
+    problems = []
+    epochs = cfg.get("init_epochs")
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            problems.append((("init_epochs",), f"init_epochs must be a whole number >= 0, not {epochs!r}"))
+        else:
+            term.init_epochs = epochs
+    scale = cfg.get("lr_scale")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            problems.append((("lr_scale",), f"lr_scale must be a number > 0, not {scale!r}"))
+        else:
+            term.lr_scale = float(scale)
+    return problems
+
+
+def _auto(rows: list[dict], term, student: bool = False) -> list[str]:
+    """``positions: auto`` of ``term`` in one model; the student's kind of value may differ (``student_features``)."""
     if term.auto == "embedding":
-        linear = [i for i, r in enumerate(rows) if r["op"] == "Linear" and r["kind"] == "module"]
-        if not linear or linear[-1] == 0:
-            return []
-        prev = [r for r in rows[: linear[-1]] if r["kind"] != "block"]
-        return [prev[-1]["name"]] if prev else []
-    ends = stage_ends(rows, pre=term.features == "pre")
+        return _embedding(rows)
+    features = getattr(term, "student_features", None) or term.features if student else term.features
+    ends = stage_ends(rows, pre=features == "pre")
     if term.auto == "last":
         return ends[-1:]
     if term.auto == "middle":
         return ends[len(ends) // 2: len(ends) // 2 + 1]
+    if term.auto == "all+embedding":
+        embedding = _embedding(rows)
+        return ends + embedding if ends and embedding else []
     return ends
+
+
+def _embedding(rows: list[dict]) -> list[str]:
+    """The input of the last Linear module (the classifier's), as one position."""
+    linear = [i for i, r in enumerate(rows) if r["op"] == "Linear" and r["kind"] == "module"]
+    if not linear or linear[-1] == 0:
+        return []
+    prev = [r for r in rows[: linear[-1]] if r["kind"] != "block"]
+    return [prev[-1]["name"]] if prev else []
 
 
 def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_rows: list[dict] | None,
@@ -78,10 +112,12 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
         if bad:
             continue
         try:
-            term = cls(**params)
+            own = inspect.signature(cls.__init__).parameters
+            term = cls(**{k: v for k, v in params.items() if k not in _FRAMEWORK or k in own})
         except (TypeError, ValueError) as e:
             problems.append((path, f"{cfg['method']}: {e}"))
             continue
+        problems.extend((path + k, m) for k, m in _framework_keys(term, cfg))
         if term.needs_teacher and not has_teacher:
             problems.append((path + ("method",), f"{cfg['method']} distils from a teacher, but the spec has no "
                                                  f"`teacher:` (remove the term to train the student alone)"))
@@ -99,7 +135,7 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
 
 def _resolve_pairs(method, term, positions, teacher_rows, student_rows):
     if positions is None or positions == "auto":
-        t_auto, s_auto = _auto(teacher_rows, term), _auto(student_rows, term)
+        t_auto, s_auto = _auto(teacher_rows, term), _auto(student_rows, term, student=True)
         if not t_auto or len(t_auto) != len(s_auto):
             return [], [((), f"positions: auto found {len(t_auto)} teacher position(s) {t_auto} and "
                              f"{len(s_auto)} student position(s) {s_auto} for {method}; list the pairs "

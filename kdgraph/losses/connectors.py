@@ -1,6 +1,7 @@
 """Connectors: the small trainable modules that bring a student feature to its teacher's shape."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,3 +46,37 @@ class Align(nn.Module):
         if self.project is not None:
             student = self.project(student)
         return student, teacher
+
+
+class ABF(nn.Module):
+    """Attention-based fusion (Chen et al. 2021, "Distilling Knowledge via Knowledge Review"): one pyramid level.
+
+    ``x`` (a student feature) goes through a 1x1 conv + BN to ``mid_channels``; with ``fuse``, the fused
+    map of the deeper level (``residual``) is resized to x's size (nearest) and the two are mixed by two
+    per-position attention maps, sigmoid(1x1 conv([x, residual])). The mix is resized to ``out_size``
+    (nearest) when it differs, then a 3x3 conv + BN projects it to the teacher's channels. Returns
+    ``(output, mix)``: the mix is the next (shallower) level's residual. Convolutions are initialised as
+    the authors' (``kaiming_uniform_(a=1)``).
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.conv2 = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(out_channels))
+        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None,
+                out_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("ABF: a fusing level needs the deeper level's residual")
+            residual = F.interpolate(residual, tuple(x.shape[-2:]), mode="nearest")
+            z = self.att_conv(torch.cat([x, residual], dim=1))
+            x = x * z[:, 0:1] + residual * z[:, 1:2]
+        if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, tuple(out_size), mode="nearest")
+        return self.conv2(x), x

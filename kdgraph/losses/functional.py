@@ -376,3 +376,136 @@ def nst(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     s = F.normalize(student_feat.flatten(2), dim=2)
     t = F.normalize(teacher_feat.flatten(2), dim=2)
     return _poly_kernel_mean(t, t) + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# contrastive and review losses (CRD, ReviewKD)
+
+__all__ += ["crd", "crd_scores", "crd_normaliser", "crd_nce", "crd_bank_update", "hcl"]
+
+
+def _require_bank_rows(name: str, anchor: Tensor, rows: Tensor) -> None:
+    if anchor.dim() != 2 or rows.dim() != 3 or rows.shape[0] != anchor.shape[0] or rows.shape[2] != anchor.shape[1]:
+        raise ValueError(f"{name}: expected anchors (batch, dim) and bank rows (batch, 1 + negatives, dim); got "
+                         f"{tuple(anchor.shape)} and {tuple(rows.shape)}")
+
+
+@_in_float32
+def crd_scores(anchor: Tensor, bank_rows: Tensor, temperature: float) -> Tensor:
+    """exp(<m_j, v> / T), (batch, 1 + K) -- Tian et al. 2020, "Contrastive Representation Distillation".
+
+    ``anchor``: (batch, dim) embeddings v; ``bank_rows``: (batch, 1 + K, dim) memory rows m, the positive
+    (the sample's own row) first, then its K negatives. Unnormalised: divide by :func:`crd_normaliser`'s Z.
+    """
+    _require_bank_rows("crd_scores", anchor, bank_rows)
+    _require_positive_temperature("crd_scores", temperature)
+    return torch.exp(torch.bmm(bank_rows, anchor.unsqueeze(2)).squeeze(2) / temperature)
+
+
+@torch.no_grad()
+@_in_float32
+def crd_normaliser(scores: Tensor, num_samples: int) -> Tensor:
+    """Z = mean(scores) * N, a constant: the authors' code sets it once, from the first batch's scores.
+
+    The paper's Z is the partition function sum_i exp(<m_i, v>/T) over the N samples; the code estimates
+    it by Monte Carlo from the first batch (mean over the batch and its 1 + K rows, times N) and keeps it.
+    """
+    return scores.mean() * num_samples
+
+
+@_in_float32
+def crd_nce(probs: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
+    """-(sum_i log h_i,0 + sum_i,k log(1 - h_i,k)) / b, h = P / (P + K/N + eps) -- Tian et al. 2020, Eq. 18.
+
+    ``probs``: (batch, 1 + K) normalised scores P = exp(<m, v>/T) / Z, the positive first. With noise
+    distribution P_n = 1/N and K noise samples, h = P / (P + K P_n) is the posterior of the pair being
+    the positive; this is the NCE loss of the authors' ``ContrastLoss`` (their eps 1e-7 in both
+    denominators, the negatives' 1 - h written as K P_n / (P + K P_n + eps)), summed over the batch and
+    divided by its size.
+    """
+    if probs.dim() != 2 or probs.shape[1] < 2:
+        raise ValueError(f"crd_nce: expected (batch, 1 + negatives) probabilities, got {tuple(probs.shape)}")
+    noise = (probs.shape[1] - 1) / float(num_samples)
+    positive, negatives = probs[:, 0], probs[:, 1:]
+    log_h = torch.log(positive / (positive + (noise + eps)))
+    log_not_h = torch.log(torch.full_like(negatives, noise) / (negatives + (noise + eps)))
+    return -(log_h.sum() + log_not_h.sum()) / probs.shape[0]
+
+
+@_in_float32
+def crd(
+    student_embed: Tensor,
+    teacher_embed: Tensor,
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    num_samples: int,
+    temperature: float = 0.07,
+    z_student: float | Tensor | None = None,
+    z_teacher: float | Tensor | None = None,
+) -> Tensor:
+    """NCE(v_s vs teacher bank) + NCE(v_t vs student bank) -- Tian et al. 2020, "Contrastive Representation Distillation".
+
+    ``student_embed`` / ``teacher_embed``: (batch, dim) L2-normalised embeddings v_s, v_t (the outputs of
+    the embedding heads). ``teacher_rows``: (batch, 1 + K, dim) rows of the memory bank of teacher
+    embeddings at each sample's index then its K negatives' indices; ``student_rows`` likewise from the
+    student bank. Each direction is :func:`crd_nce` of P = :func:`crd_scores` / Z: the student anchor
+    against teacher rows (normalised by ``z_student``), the teacher anchor against student rows (by
+    ``z_teacher``); a Z left ``None`` is :func:`crd_normaliser` of this batch's scores, the authors'
+    first-batch rule. The paper writes the critic h with the teacher as anchor only; the authors' code
+    (followed here) adds the symmetric student-anchored term. Gradients reach both embeddings; the bank
+    rows are constants (the caller passes them detached).
+    """
+    _require_same_shape("crd", student_embed, teacher_embed)
+    _require_same_shape("crd", student_rows, teacher_rows)
+    s_scores = crd_scores(student_embed, teacher_rows, temperature)
+    t_scores = crd_scores(teacher_embed, student_rows, temperature)
+    z_s = crd_normaliser(s_scores, num_samples) if z_student is None else z_student
+    z_t = crd_normaliser(t_scores, num_samples) if z_teacher is None else z_teacher
+    return crd_nce(s_scores / z_s, num_samples) + crd_nce(t_scores / z_t, num_samples)
+
+
+@torch.no_grad()
+def crd_bank_update(rows: Tensor, embed: Tensor, momentum: float) -> Tensor:
+    """normalize(momentum * m + (1 - momentum) * v): the new memory rows (Tian et al. 2020, authors' code).
+
+    ``rows``: the bank's current (n, dim) rows at the batch's indices; ``embed``: the batch's (n, dim)
+    embeddings. Normalised as the code does, by the row's L2 norm without an epsilon. Returns new rows;
+    nothing is modified in place.
+    """
+    _require_same_shape("crd_bank_update", rows, embed)
+    mixed = rows.float() * momentum + embed.float() * (1 - momentum)
+    return mixed / mixed.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+_HCL_LEVELS = (4, 2, 1)  # the pooled sizes of Chen et al.'s code, each weighted half the one before
+
+
+@_in_float32
+def hcl(student_feats, teacher_feats) -> Tensor:
+    """sum_i [mse(s_i, t_i) + sum_l 2^-k mse(pool_l s_i, pool_l t_i)] / (1 + sum_l 2^-k) -- Chen et al. 2021, "Review KD".
+
+    The hierarchical context loss of "Distilling Knowledge via Knowledge Review": ``student_feats`` and
+    ``teacher_feats`` are sequences of (batch, C, H, W) maps of equal shapes per level (the student's
+    already fused and projected). At each level the mean squared error of the maps is added to those of
+    their adaptive average pools to 4x4, 2x2 and 1x1 -- only the sizes l < H, as the authors' code, which
+    tests the height alone -- weighted 1/2, 1/4, 1/8 in the order used, and divided by the sum of the
+    weights used (1 included). The levels are summed, not averaged.
+    """
+    if len(student_feats) != len(teacher_feats) or not len(student_feats):
+        raise ValueError(f"hcl: needs as many student as teacher maps, at least one "
+                         f"({len(student_feats)} and {len(teacher_feats)})")
+    total = None
+    for s, t in zip(student_feats, teacher_feats):
+        _require_same_shape("hcl", s, t)
+        if s.dim() != 4:
+            raise ValueError(f"hcl: expected (batch, C, H, W) maps, got {tuple(s.shape)}")
+        level, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for size in _HCL_LEVELS:
+            if size >= s.shape[2]:
+                continue
+            weight /= 2.0
+            level = level + F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)) * weight
+            weights += weight
+        level = level / weights
+        total = level if total is None else total + level
+    return total

@@ -1,7 +1,7 @@
 """Loss terms: the ``nn.Module`` behind each ``loss:`` entry of a spec.
 
-A term holds its state (connectors, margins) and calls the pure math of :mod:`kdgraph.losses.functional`.
-The protocol a user's term follows (``method: package.module:Name``):
+A term holds its state (connectors, margins, memory banks) and calls the pure math of
+:mod:`kdgraph.losses.functional`. The protocol a user's term follows (``method: package.module:Name``):
 
 * subclass :class:`Term` (or follow its attributes): ``needs_teacher``, ``features`` (``None`` for logit
   methods; ``"out"`` or ``"pre"`` for feature methods: what ``positions: auto`` picks), ``auto``
@@ -10,20 +10,29 @@ The protocol a user's term follows (``method: package.module:Name``):
 * optionally override ``setup(ctx)`` (called once, after the teacher is loaded, with the traced shapes);
 * implement ``forward(out: Outputs) -> Tensor``, the *unweighted* loss. The engine multiplies by
   ``weight`` (ramped up over ``warmup_epochs``) and logs each term separately.
+
+What the framework offers a term beyond that (see :class:`Term`): the dataset index of every sample
+(``out.index``), state saved in checkpoints (buffers), state kept equal across processes
+(:func:`gather` and ``synced_buffers``), a pre-training stage of its own (``init_epochs``,
+:meth:`Term.init_loss`, :meth:`Term.init_parameters`) and a learning-rate multiplier for its own
+parameters (``lr_scale``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
 from . import functional as KF
-from .connectors import Align
+from .connectors import ABF, Align
 
 
 @dataclass
@@ -35,7 +44,8 @@ class Outputs:
     feats: dict[str, Tensor] = field(default_factory=dict)           # student taps
     teacher_logits: Tensor | None = None
     teacher_feats: dict[str, Tensor] = field(default_factory=dict)   # teacher taps
-    epoch: float = 0.0                                                # fractional epoch
+    epoch: float = 0.0                                                # fractional epoch (< 0: init stage)
+    index: Tensor | None = None   # (batch,) int64: each sample's index in the training set (None: not given)
 
 
 @dataclass
@@ -49,14 +59,60 @@ class Setup:
     teacher_node: Callable[[str], fx.Node] | None = None       # tap name -> node of the teacher's graph
     teacher_features: Callable[[list[str]], dict[str, Tensor]] | None = None  # taps on a few train batches
     log: Callable[[str], None] = print
+    num_samples: int | None = None   # size of the training set: the range of ``Outputs.index``
+    targets: Tensor | None = None    # (num_samples,) class label of every training sample, by index
+    seed: int = 0                    # the run's seed; a term's random draws should derive from it
 
 
 class Term(nn.Module):
+    """Base class of the loss terms; see the module docstring for the protocol.
+
+    **Sample indices.** ``out.index`` holds the training-set index of each sample of the batch (every
+    loader of ``kdgraph run``, and shards under DDP); ``ctx.num_samples`` and ``ctx.targets`` in
+    :meth:`setup` give the set's size and labels, e.g. to size a memory bank. In your own loop, pass
+    ``index=`` to :class:`~kdgraph.Distiller`.
+
+    **State.** Buffers (``register_buffer``) are saved in every checkpoint with the connectors and loaded
+    before a resumed run's next step, so a memory bank continues bit-exactly. Draw random numbers from
+    torch's global generator (saved and restored per process by the engine) or from a generator you seed
+    from ``ctx.seed`` and a counter kept in a buffer; a ``torch.Generator`` attribute is *not* saved.
+
+    **Several processes.** Each process sees its shard of the batch. Keep state equal across processes
+    by updating it from :func:`gather` (the whole batch, every process, in the same order), and list such
+    buffers in ``synced_buffers`` so DDP does not broadcast them from rank 0 at each step. Initialise them
+    identically on every process (from ``ctx.seed``, not the global generator, which is seeded per rank).
+
+    **Pre-training stage** (Heo et al.'s AB, Yim et al.'s FSP, Kim et al.'s FT): a term with
+    ``init_epochs > 0`` (spec key, or a class default) runs that many epochs before distillation, in which
+    the loss is the sum of the active terms' :meth:`init_loss` (unweighted, as RepDistiller) and a fresh
+    optimizer of the spec's kind, at the spec's learning rate held constant, updates
+    :meth:`init_parameters` only; the student is in train mode only while some active term trains
+    student parameters, the teacher stays in eval mode. Terms with fewer init epochs drop out of the
+    stage as it goes on. The engine logs the stage (``metrics.jsonl`` rows with ``"stage": "init"``,
+    TensorBoard ``init/...``) and resumes it exactly. During the stage ``out.epoch`` is negative
+    (``-init_epochs`` up to 0) and distillation epochs count from 0 as without the stage.
+
+    **Learning rate.** ``lr_scale`` (spec key, default 1) multiplies the learning rate of the term's own
+    parameters (in both stages); the student's parameters always take the spec's rate.
+
+    Example, a term with its own pre-trained connector::
+
+        class Hint(FeatureTerm):
+            init_epochs = 5                      # default; the spec may say otherwise
+            def init_loss(self, out):            # what the init stage minimises
+                return sum(F.mse_loss(s, t) for s, t in self.pairs_of(out))
+            def forward(self, out):
+                return self.init_loss(out)
+    """
+
     needs_teacher = True
     features: str | None = None
     auto = "all"
     default_weight = 1.0
-    teacher_bn_train = False  # ask for the teacher's BatchNorm in train mode (batch statistics)
+    teacher_bn_train = False  # ask for teacher features with BatchNorm on batch statistics (its own forward)
+    init_epochs = 0           # epochs of the pre-training stage (spec key ``init_epochs``)
+    lr_scale = 1.0            # learning-rate multiplier of the term's own parameters (spec key ``lr_scale``)
+    synced_buffers: tuple[str, ...] = ()  # buffers the term keeps equal across processes itself
 
     def __init__(self, weight: float | None = None, warmup_epochs: float = 0.0):
         super().__init__()
@@ -68,13 +124,51 @@ class Term(nn.Module):
         """The weight at fractional ``epoch``: linear warm-up over ``warmup_epochs``."""
         if self.warmup_epochs <= 0:
             return self.weight
-        return self.weight * min(1.0, epoch / self.warmup_epochs)
+        return self.weight * min(1.0, max(0.0, epoch) / self.warmup_epochs)
 
     def setup(self, ctx: Setup) -> None:
         pass
 
+    def init_loss(self, out: Outputs) -> Tensor:
+        """The loss the pre-training stage minimises (default: :meth:`forward`)."""
+        return self(out)
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """What the pre-training stage updates (default: the term's own parameters).
+
+        Return student parameters too where the method trains them (AB and FSP train the student's
+        feature layers; their classifier is left alone).
+        """
+        return [p for p in self.parameters() if p.requires_grad]
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}, pairs={self.pairs}"
+
+
+def gather(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor concatenated along dim 0 over all processes, in rank order (no gradient).
+
+    The same on every process; the tensors themselves in a single process. Shapes may differ in dim 0
+    between processes. Call it from every process at the same point (inside a term's forward is fine).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tuple(t.detach() for t in tensors)
+    world = dist.get_world_size()
+    first = tensors[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=first.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([first.shape[0]], device=first.device))
+    sizes = [int(n) for n in sizes]
+    out = []
+    for t in tensors:
+        t = t.detach()
+        padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return tuple(out)
 
 
 class FeatureTerm(Term):
@@ -276,3 +370,212 @@ def _feeding_batchnorm(root: nn.Module, node: fx.Node, depth: int = 8) -> nn.Bat
                 if found is not None:
                     return found
     return None
+
+
+# ------------------------------------------------------------------------------ contrastive and review
+def _seed_of(*values: int) -> int:
+    """A well-mixed 63-bit seed from a few integers."""
+    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """Rows divided by their L2 norm, no epsilon (the authors' ``Normalize`` of CRD's embedding heads)."""
+    return x / x.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+class CRD(Term):
+    """Tian et al. 2020: NCE(v_s; teacher bank) + NCE(v_t; student bank), K negatives, memory momentum 0.5.
+
+    Contrastive Representation Distillation on the embeddings (the classifier's input) of both models.
+    Each goes through a linear embedding head to ``embed_dim`` and L2 normalisation; a memory bank per
+    model holds one row per training sample (``out.index``), updated after each step as
+    normalize(momentum * row + (1 - momentum) * v). Each sample is contrasted with its own row of the other
+    model's bank (the positive) and ``negatives`` other rows, by :func:`kdgraph.losses.functional.crd`
+    (temperature 0.07, the normalisers Z set from the first batch and then fixed, as the authors' code).
+
+    Follows the authors' code (RepDistiller) rather than the paper where they differ: both anchors
+    (the paper writes the teacher-anchored term), Z from the first batch, banks initialised uniform in
+    +-1/sqrt(embed_dim/3), negatives drawn from the samples of *other classes* (their ``exact`` mode;
+    ``negatives_from: all`` draws from every sample, the paper's uniform noise). The authors draw each
+    sample's negatives without replacement when there are enough; kdgraph draws them with replacement,
+    which leaves the expected loss unchanged and keeps the draw one vectorised call on the device.
+
+    Negatives are a function of the run's seed, a step counter and the sample's index, not of the process
+    count: a run on several processes gathers the whole batch's indices and embeddings, draws the same
+    negatives and applies the same bank update on every process, so the banks stay identical (DDP does
+    not broadcast them). The banks, the normalisers and the counter are saved in checkpoints.
+    """
+
+    default_weight = 0.8
+    features = "out"
+    auto = "embedding"
+    synced_buffers = ("student_bank", "teacher_bank", "targets", "by_class", "class_start", "class_count")
+
+    def __init__(self, weight=None, warmup_epochs=0.0, embed_dim: int = 128, negatives: int = 16384,
+                 temperature: float = 0.07, momentum: float = 0.5, negatives_from: str = "other_classes"):
+        super().__init__(weight, warmup_epochs)
+        if negatives_from not in ("other_classes", "all"):
+            raise ValueError(f"negatives_from must be 'other_classes' or 'all', not {negatives_from!r}")
+        if int(negatives) < 1 or int(embed_dim) < 1 or not 0 <= momentum < 1 or not temperature > 0:
+            raise ValueError("needs negatives >= 1, embed_dim >= 1, 0 <= momentum < 1 and temperature > 0")
+        self.embed_dim, self.negatives = int(embed_dim), int(negatives)
+        self.temperature, self.momentum, self.negatives_from = float(temperature), float(momentum), negatives_from
+        self.z: list[float] = [-1.0, -1.0]  # (student anchor, teacher anchor); < 0: not set yet
+        self.draws = 0                      # steps drawn so far: keys the negatives' generator
+        self.seed = 0
+
+    def setup(self, ctx: Setup) -> None:
+        if len(self.pairs) != 1:
+            raise UserError(f"crd distils one position (the embeddings); got {len(self.pairs)}: {self.pairs}")
+        if ctx.num_samples is None:
+            raise UserError("crd keeps a memory bank per training sample: it needs the training set's size "
+                            "(Distiller.setup(..., num_samples=len(train_set)))")
+        t, s = self.pairs[0]
+        n, self.seed = int(ctx.num_samples), int(ctx.seed)
+        self.embed_student = nn.Linear(math.prod(ctx.student_shapes[s]), self.embed_dim)
+        self.embed_teacher = nn.Linear(math.prod(ctx.teacher_shapes[t]), self.embed_dim)
+        g = torch.Generator().manual_seed(_seed_of(self.seed, 0x43524431))  # the same on every process
+        bound = 1.0 / math.sqrt(self.embed_dim / 3)
+        for name in ("student_bank", "teacher_bank"):
+            self.register_buffer(name, torch.rand(n, self.embed_dim, generator=g) * (2 * bound) - bound)
+        if self.negatives_from == "other_classes":
+            if ctx.targets is None or len(ctx.targets) != n:
+                raise UserError("crd draws negatives from other classes, which needs the label of every training "
+                                "sample (a data set with `targets`, or Distiller.setup(..., targets=...)); "
+                                "`negatives_from: all` draws from every sample instead")
+            targets = torch.as_tensor(ctx.targets).long().cpu()
+            counts = torch.bincount(targets)
+            self.register_buffer("targets", targets, persistent=False)
+            self.register_buffer("by_class", torch.argsort(targets, stable=True), persistent=False)
+            self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+            self.register_buffer("class_count", counts, persistent=False)
+
+    def get_extra_state(self) -> dict:
+        return {"z": list(self.z), "draws": self.draws}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.z, self.draws = [float(v) for v in state["z"]], int(state["draws"])
+
+    def contrast_indices(self, index: Tensor, batch_index: Tensor) -> Tensor:
+        """(b, 1 + K): each sample's own index, then K negatives; ``batch_index``: the whole (gathered) batch.
+
+        Drawn for the batch's distinct indices in sorted order from a generator keyed by (seed, step), so
+        a sample's negatives do not depend on how the batch is split over processes.
+        """
+        n = self.student_bank.shape[0]
+        ordered = torch.sort(batch_index).values
+        g = torch.Generator(device=index.device).manual_seed(_seed_of(self.seed, self.draws, 0x4E4547))
+        u = torch.rand(len(ordered), self.negatives, generator=g, device=index.device, dtype=torch.float64)
+        u = u[torch.searchsorted(ordered, index)]
+        if self.negatives_from == "all":
+            negatives = (u * n).long().clamp_max(n - 1)
+        else:
+            cls = self.targets[index]
+            start, count = self.class_start[cls][:, None], self.class_count[cls][:, None]
+            k = (u * (n - count)).long().clamp_max(n - count - 1)        # among the other classes' samples
+            negatives = self.by_class[k + count * (k >= start)]            # skip this class's block
+        return torch.cat([index[:, None], negatives], dim=1)
+
+    def forward(self, out: Outputs) -> Tensor:
+        if out.index is None:
+            raise UserError("crd needs each sample's training-set index: call the Distiller with index=")
+        t, s = self.pairs[0]
+        v_s = _unit_rows(self.embed_student(out.feats[s].flatten(1)).float())
+        v_t = _unit_rows(self.embed_teacher(out.teacher_feats[t].flatten(1)).float())
+        index = out.index.long()
+        all_index, all_s, all_t = gather(index, v_s, v_t)
+        idx = self.contrast_indices(index, all_index)
+        s_rows, t_rows = self.student_bank[idx], self.teacher_bank[idx]
+        if self.z[0] < 0:  # the authors' constants: the first batch's mean score (over every process) times N
+            self.z = self._first_normalisers(v_s, v_t, s_rows, t_rows)
+        loss = KF.crd(v_s, v_t, s_rows, t_rows, self.student_bank.shape[0], self.temperature, *self.z)
+        if self.training:
+            self._update_banks(all_index, all_s, all_t)
+            self.draws += 1
+        return loss
+
+    @torch.no_grad()
+    def _first_normalisers(self, v_s, v_t, s_rows, t_rows) -> list[float]:
+        scores = [KF.crd_scores(v_s, t_rows, self.temperature), KF.crd_scores(v_t, s_rows, self.temperature)]
+        sums, counts = gather(torch.stack([x.sum() for x in scores])[None],
+                              torch.tensor([[scores[0].numel()]], device=v_s.device))
+        if sums.shape[0] == 1:  # one process: exactly the authors' mean()
+            return [float(KF.crd_normaliser(x, self.student_bank.shape[0])) for x in scores]
+        mean = sums.double().sum(0) / counts.double().sum()
+        return [float(torch.tensor(float(m), dtype=torch.float32) * self.student_bank.shape[0]) for m in mean]
+
+    @torch.no_grad()
+    def _update_banks(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        """Momentum update of the banks' rows at ``index``; where an index repeats (padding of the last
+        shards), every copy takes the value of its last occurrence, so the result does not depend on the
+        order in which index_copy_ writes them."""
+        ordered, order = torch.sort(index, stable=True)
+        b = len(ordered)
+        is_last = torch.ones_like(ordered, dtype=torch.bool)
+        is_last[:-1] = ordered[1:] != ordered[:-1]
+        ends = torch.where(is_last, torch.arange(b, device=index.device), torch.full_like(ordered, b))
+        last = order[ends.flip(0).cummin(0).values.flip(0)]
+        for bank, v in ((self.student_bank, v_s), (self.teacher_bank, v_t)):
+            bank.index_copy_(0, ordered, KF.crd_bank_update(bank[ordered], v[last], self.momentum).to(bank.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"weight={self.weight}, pairs={self.pairs}, embed_dim={self.embed_dim}, negatives={self.negatives}, "
+                f"temperature={self.temperature}, momentum={self.momentum}, negatives_from={self.negatives_from!r}")
+
+
+class ReviewKD(Term):
+    """Chen et al. 2021: hcl(ABF-fused student pyramid, teacher pyramid), deepest level first, 20-epoch warm-up.
+
+    "Distilling Knowledge via Knowledge Review": every teacher level is matched by a student map fused
+    from the student's same and *deeper* levels. From the deepest level up, an attention-based fusion
+    (:class:`~kdgraph.losses.connectors.ABF`) mixes the level's student feature with the fused map of the
+    level below it and projects the mix to the teacher's channels and size; the outputs and the teacher
+    maps go to the hierarchical context loss :func:`kdgraph.losses.functional.hcl`.
+
+    Positions (``auto``): the stage ends and the embedding of both models -- the teacher's pre-ReLU
+    values (``positions: auto`` of ``margin_relu``) and the student's block outputs, as the authors' code
+    (``preact=True`` for the teacher only); a (batch, C) embedding is a 1x1 map. Explicit pairs are
+    listed shallow to deep. Middle channels are min(512, the deepest student level's channels).
+
+    Weight 5 and the 20-epoch linear warm-up of the authors' CIFAR-100 scripts (with ``ce`` at 1); their
+    scripts use 0.6 for resnet56 -> resnet20, 1 for resnet110 -> resnet32 and on ImageNet, 8 for ShuffleNetV2.
+    """
+
+    default_weight = 5.0
+    features = "pre"            # the teacher's positions
+    student_features = "out"    # the student's
+    auto = "all+embedding"
+
+    def __init__(self, weight=None, warmup_epochs=20.0, max_mid_channels: int = 512):
+        super().__init__(weight, warmup_epochs)
+        self.max_mid_channels = int(max_mid_channels)
+
+    def setup(self, ctx: Setup) -> None:
+        if not self.pairs:
+            raise UserError("reviewkd needs at least one position")
+        s_shapes = [_as_map_shape(ctx.student_shapes[s]) for _, s in self.pairs]
+        self.t_sizes = [tuple(_as_map_shape(ctx.teacher_shapes[t])[1:]) for t, _ in self.pairs]
+        t_channels = [_as_map_shape(ctx.teacher_shapes[t])[0] for t, _ in self.pairs]
+        mid = min(self.max_mid_channels, s_shapes[-1][0])
+        deepest = len(self.pairs) - 1  # fusions run deep to shallow; the deepest level has nothing to fuse
+        self.abfs = nn.ModuleList(ABF(s_shapes[i][0], mid, t_channels[i], fuse=i < deepest)
+                                  for i in reversed(range(len(self.pairs))))
+
+    def forward(self, out: Outputs) -> Tensor:
+        students = [_as_map(out.feats[s]) for _, s in self.pairs][::-1]
+        sizes = self.t_sizes[::-1]
+        results, residual = [], None
+        for x, abf, size in zip(students, self.abfs, sizes):
+            y, residual = abf(x, residual, size)
+            results.insert(0, y)
+        return KF.hcl(results, [_as_map(out.teacher_feats[t]) for t, _ in self.pairs])
+
+
+def _as_map_shape(shape: tuple) -> tuple:
+    return tuple(shape) if len(shape) == 3 else (math.prod(shape), 1, 1)
+
+
+def _as_map(x: Tensor) -> Tensor:
+    """(batch, C, H, W) as it is; anything else (an embedding) as a (batch, C, 1, 1) map."""
+    return x if x.dim() == 4 else x.reshape(x.shape[0], -1, 1, 1)
