@@ -1,5 +1,6 @@
+"""``python -m kdgraph``: the ``kdgraph`` command line."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -38,7 +38,7 @@ from .losses import Outputs, Setup, build_terms
 
 
 class TermProblems(UserError):
-    """Problems in a ``loss`` list, as ``(key path, message)`` pairs (the engine maps them to spec lines)."""
+    """Problems in a ``loss`` list, as ``(key path, message)`` pairs (``kdgraph run`` maps them to spec lines)."""
 
     def __init__(self, problems: list[tuple[tuple, str]]):
         self.problems = problems
@@ -72,6 +72,33 @@ class Distiller(nn.Module):
     ``student`` and ``teacher`` are plain models (never edited); the taps each term needs come from
     :func:`kdgraph.tap`. Call :meth:`setup` once, on the training device, before the first step: it builds
     the connectors from the traced shapes and lets terms read the teacher (e.g. margins).
+
+    Args:
+        student: the model to train.
+        teacher: the frozen model to learn from (its parameters get ``requires_grad=False``; it stays in
+            eval mode), or None for terms that need none (``ce``).
+        loss: the entries of a spec's ``loss:`` list -- ``method`` (a registered name or
+            ``package.module:Term``), ``weight``, ``positions`` (``auto`` or ``[[teacher tap, student
+            tap], ...]``) and the method's parameters. Default: ``[{"method": "ce"}]``.
+        input_shape: the shape of one input without the batch, e.g. ``(3, 32, 32)``, to trace the models.
+        leaf_modules: module paths or class names that tracing keeps opaque.
+        log: where set-up messages go (e.g. the margins a term computed).
+
+    Raises:
+        TermProblems: a :class:`~kdgraph.errors.UserError` listing every problem of ``loss`` (unknown
+            methods or parameters, tap names that do not exist, with the closest valid names).
+
+    Calling it -- ``distiller(x, y, epoch, index)``, ``index`` the samples' training-set indices for terms
+    that use them -- returns ``(loss, parts, logits)``: the weighted total (a scalar to backpropagate),
+    each term's unweighted value by name (:attr:`names`), and the student's logits.
+
+    Example::
+
+        d = Distiller(student, teacher, [{"method": "ce", "weight": 0.1}, {"method": "kd", "weight": 0.9},
+                                         {"method": "at", "positions": [["block2", "block2"]]}],
+                      input_shape=(3, 32, 32))
+        d.setup(x_example, batches=train_loader)
+        loss, parts, logits = d(x, y, epoch=1.5)    # parts: {"ce": ..., "kd": ..., "at": ...}
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: Sequence[dict] | None = None,

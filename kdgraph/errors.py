@@ -12,8 +12,6 @@ from typing import Iterable
 class UserError(Exception):
     """A mistake the user can fix (bad spec, unknown name, missing file...)."""
 
-    exit_code = 2
-
 
 class SpecError(UserError):
     """One or more problems in a spec; ``problems`` holds ``(file, line, col, path, message)`` tuples."""

@@ -46,7 +46,23 @@ class Registry:
     """A name -> object table with helpful errors; ``get`` also accepts import paths.
 
     ``patterns`` map a regular expression to a factory taking the match, for families such as
-    ``wrn-D-K`` whose members cannot all be listed.
+    ``wrn-D-K`` whose members cannot all be listed. kdgraph's registries are
+    :data:`kdgraph.models.MODELS`, :data:`kdgraph.data.DATASETS` and :data:`kdgraph.losses.LOSSES`.
+
+    Args:
+        kind: what the registry holds, for messages (``"model"``, ``"loss method"``...).
+
+    Example::
+
+        from kdgraph.models import MODELS
+
+        @MODELS.register("mynet", family="mine")    # keyword arguments are kept as meta data
+        def mynet(num_classes=10, **kw):
+            return MyNet(num_classes, **kw)
+
+        MODELS.get("mynet")          # the function
+        MODELS.get("mypkg.nets:Net")  # an import path works without registering
+        MODELS.get("mynte")           # UserError: unknown model 'mynte' (did you mean 'mynet'?); known: ...
     """
 
     def __init__(self, kind: str):
@@ -56,6 +72,8 @@ class Registry:
         self._patterns: list[tuple[re.Pattern, Callable[[re.Match], Any], str]] = []
 
     def register(self, name: str | None = None, **meta) -> Callable:
+        """A decorator registering its object under ``name`` (default: the object's ``__name__``) with
+        ``meta`` data (:meth:`meta`); a name registered twice raises ``ValueError`` (never overwritten)."""
         def deco(obj):
             key = name or getattr(obj, "__name__")
             if key in self._items:
@@ -67,9 +85,13 @@ class Registry:
         return deco
 
     def register_pattern(self, pattern: str, factory: Callable[[re.Match], Any], example: str) -> None:
+        """Names matching the regular expression ``pattern`` (whole name) resolve to ``factory(match)``;
+        ``example`` (e.g. ``wrn-D-K``) is what :meth:`patterns` lists."""
         self._patterns.append((re.compile(pattern + r"$"), factory, example))
 
     def get(self, name: str) -> Any:
+        """The object registered as ``name``, made by a matching pattern, or named by an import path
+        ``package.module:Name``; a :class:`~kdgraph.errors.UserError` with the closest names otherwise."""
         if name in self._items:
             return self._items[name]
         for rx, factory, _ in self._patterns:
@@ -82,6 +104,7 @@ class Registry:
                         f"; known: {', '.join(self.names())}, or an import path 'package.module:Name'")
 
     def exists(self, name: str) -> bool:
+        """Whether :meth:`get` finds ``name`` (an import path is imported to find out)."""
         try:
             self.get(name)
             return True
@@ -89,9 +112,11 @@ class Registry:
             return False
 
     def meta(self, name: str) -> dict:
+        """The keyword arguments ``name`` was registered with ({} for patterns and import paths)."""
         return self._meta.get(name, {})
 
     def names(self) -> list[str]:
+        """The registered names, sorted (patterns not included: see :meth:`patterns`)."""
         return sorted(self._items)
 
     def patterns(self) -> list[str]:

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from kdgraph import bench, cli
+from kdgraph.app import bench
+from kdgraph.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +78,12 @@ def test_hand_written_forwards_match_the_models():
 
 def test_the_command_line(tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert cli.main(["bench", "--only", "c", "--reps", "1", "--batch", "4", "--device", "cpu",
-                     "--out", str(out)]) == 0
+    assert main(["bench", "--only", "c", "--reps", "1", "--batch", "4", "--device", "cpu",
+                 "--out", str(out)]) == 0
     assert json.loads(out.read_text())["figures"].keys() == {"c"}
     assert "per-sample" in capsys.readouterr().out
-    assert bench.main(["--only", "c", "--reps", "1", "--batch", "4", "--data-batches", "1",
-                       "--out", str(tmp_path / "m.json")]) == 0
-    assert bench.main(["--only", "x"]) == 2
+    assert main(["bench", "--only", "c", "--reps", "1", "--batch", "4", "--data-batches", "1",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["bench", "--only", "x"]) == 2
     args = argparse.Namespace(reps=1, batch=4, device="cpu", only="c", out=str(tmp_path / "n.json"))
     assert bench.cli(args) == 0

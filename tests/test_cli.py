@@ -10,17 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kdgraph.cli import main
 from kdgraph.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEM = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>[\w.<>-]+): (?P<msg>.+)$")
 
-
-def kd(args, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def problems(text: str) -> list[dict]:
@@ -80,12 +74,12 @@ train: {epochs: 2}
 """
 
 
-def test_validate_reports_each_problem_at_its_place(tmp_path, capsys, monkeypatch):
+def test_validate_reports_each_problem_at_its_place(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, text in [("schema_bad.yaml", SCHEMA_BAD), ("semantic_bad.yaml", SEMANTIC_BAD),
                        ("no_teacher.yaml", NO_TEACHER)]:
         Path(name).write_text(text)
-    code, out, err = kd(["validate", "schema_bad.yaml", "semantic_bad.yaml", "no_teacher.yaml"], capsys)
+    code, out, err = cli(["validate", "schema_bad.yaml", "semantic_bad.yaml", "no_teacher.yaml"])
     assert code == 2
     assert "Traceback" not in out + err
     got = problems(err)
@@ -113,36 +107,36 @@ def test_validate_reports_each_problem_at_its_place(tmp_path, capsys, monkeypatc
     assert "teacher" in p["msg"]
 
 
-def test_validate_a_valid_spec(tmp_path, capsys):
+def test_validate_a_valid_spec(tmp_path, cli):
     file = tmp_path / "valid.yaml"
     file.write_text(VALID)
-    code, out, err = kd(["validate", file], capsys)
+    code, out, err = cli(["validate", file])
     assert code == 0, err
     assert "1 spec(s) valid" in out
 
 
-def test_validate_multi_document_file(tmp_path, capsys):
+def test_validate_multi_document_file(tmp_path, cli):
     file = tmp_path / "two.yaml"
     file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2").replace("block3, block3",
                                                                                            "block3, blok3"))
-    code, out, err = kd(["validate", file], capsys)
+    code, out, err = cli(["validate", file])
     assert code == 2
     (p,) = problems(err)
     assert p["path"] == "loss.2.positions.1.1" and p["line"] == 20  # the line in the file, second document
 
 
-def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, capsys):
+def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, cli):
     file = tmp_path / "s.yaml"
     file.write_text(VALID.replace("epochs: 2", "epochs: -1"))
-    code, _, err = kd(["validate", file], capsys)
+    code, _, err = cli(["validate", file])
     assert code == 2
     (p,) = problems(err)
     assert p["path"] == "train.epochs" and p["line"] == 10 and "minimum" in p["msg"]
 
-    code, out, err = kd(["validate", file, "--set", "train.epochs=3"], capsys)
+    code, out, err = cli(["validate", file, "--set", "train.epochs=3"])
     assert code == 0, err
 
-    code, out, err = kd(["validate", file, "--set", "train.epochs=three"], capsys)
+    code, out, err = cli(["validate", file, "--set", "train.epochs=three"])
     assert code == 2 and "Traceback" not in out + err
     (p,) = problems(err)
     assert p["file"] == "--set" and p["path"] == "train.epochs" and "integer" in p["msg"]
@@ -150,45 +144,45 @@ def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, capsys):
     # an override that fixes a semantic problem: kd without a teacher, replaced by a logit-free loss list
     nt = tmp_path / "nt.yaml"
     nt.write_text(NO_TEACHER)
-    assert kd(["validate", nt], capsys)[0] == 2
-    code, _, err = kd(["validate", nt, "--set", "loss=[{method: ce}]"], capsys)
+    assert cli(["validate", nt])[0] == 2
+    code, _, err = cli(["validate", nt, "--set", "loss=[{method: ce}]"])
     assert code == 0, err
-    code, _, err = kd(["validate", nt, "--set", "loss.1.method=ce"], capsys)
+    code, _, err = cli(["validate", nt, "--set", "loss.1.method=ce"])
     assert code == 0, err
 
-    code, out, err = kd(["validate", file, "--set", "train.epochs"], capsys)  # no '='
+    code, out, err = cli(["validate", file, "--set", "train.epochs"])  # no '='
     assert code == 2 and "KEY.PATH=VALUE" in err and "Traceback" not in out + err
 
 
-def test_run_refuses_a_sweep_spec_unless_sweep_is_nulled(tmp_path, capsys):
+def test_run_refuses_a_sweep_spec_unless_sweep_is_nulled(tmp_path, cli):
     file = tmp_path / "sw.yaml"
     file.write_text("name: sw\ndata: {dataset: digits, workers: 0}\nstudent: {model: wrn-10-1}\n"
                     "train: {epochs: 1, max_steps_per_epoch: 1, optimizer: {lr: 0.05}, schedule: {name: constant}}\n"
                     "log: {tensorboard: false}\n"
                     "sweep: {train.optimizer.lr: [0.1, 0.05]}\n")
-    code, out, err = kd(["run", file, "--runs-dir", tmp_path / "runs"], capsys)
+    code, out, err = cli(["run", file, "--runs-dir", tmp_path / "runs"])
     assert code == 2 and "sweep" in err and "Traceback" not in out + err
     assert not (tmp_path / "runs" / "sw" / "metrics.jsonl").exists()
-    code, out, err = kd(["run", file, "--runs-dir", tmp_path / "runs", "--set", "sweep=null"], capsys)
+    code, out, err = cli(["run", file, "--runs-dir", tmp_path / "runs", "--set", "sweep=null"])
     assert code == 0, err
     assert (tmp_path / "runs" / "sw" / "summary.json").exists()
 
 
-def test_run_out_takes_one_spec(tmp_path, capsys):
+def test_run_out_takes_one_spec(tmp_path, cli):
     file = tmp_path / "two.yaml"
     file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2"))
-    code, _, err = kd(["run", file, "--out", tmp_path / "x"], capsys)
+    code, _, err = cli(["run", file, "--out", tmp_path / "x"])
     assert code == 2 and "--out" in err
 
 
-def test_run_missing_spec_file(tmp_path, capsys):
-    code, out, err = kd(["run", tmp_path / "nope.yaml"], capsys)
+def test_run_missing_spec_file(tmp_path, cli):
+    code, out, err = cli(["run", tmp_path / "nope.yaml"])
     assert code == 2 and "nope.yaml" in err and "Traceback" not in out + err
 
 
 # ------------------------------------------------------------------------------------------- schema
-def test_schema_is_json_draft_2020_12(capsys):
-    code, out, _ = kd(["schema"], capsys)
+def test_schema_is_json_draft_2020_12(cli):
+    code, out, _ = cli(["schema"])
     assert code == 0
     schema = json.loads(out)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -198,16 +192,16 @@ def test_schema_is_json_draft_2020_12(capsys):
 
 
 # ------------------------------------------------------------------------------------------- layers
-def test_layers_lists_pre_activation_taps_with_shapes(capsys):
-    code, out, _ = kd(["layers", "wrn-16-2"], capsys)
+def test_layers_lists_pre_activation_taps_with_shapes(cli):
+    code, out, _ = cli(["layers", "wrn-16-2"])
     assert code == 0
     line = next(l for l in out.splitlines() if l.split() and l.split()[0] == "block2.0.relu1:pre")
     assert line.split()[-1] == "32x32x32"
     assert "pre" in line.split()
 
 
-def test_layers_json_and_filter(capsys):
-    code, out, _ = kd(["layers", "wrn-16-2", "--json", "--filter", "block2.0"], capsys)
+def test_layers_json_and_filter(cli):
+    code, out, _ = cli(["layers", "wrn-16-2", "--json", "--filter", "block2.0"])
     assert code == 0
     rows = json.loads(out)
     assert rows and all("block2.0" in r["name"] for r in rows)
@@ -216,8 +210,8 @@ def test_layers_json_and_filter(capsys):
     assert {"name", "op", "kind", "shape"} == set(row)
 
 
-def test_layers_torchvision_model_at_imagenet_size(capsys):
-    code, out, err = kd(["layers", "torchvision:resnet18", "--input-size", "3", "224", "224", "--json"], capsys)
+def test_layers_torchvision_model_at_imagenet_size(cli):
+    code, out, err = cli(["layers", "torchvision:resnet18", "--input-size", "3", "224", "224", "--json"])
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["layer4"]["shape"] == [512, 7, 7] and rows["layer4"]["kind"] == "block"
@@ -225,30 +219,30 @@ def test_layers_torchvision_model_at_imagenet_size(capsys):
     assert rows["layer1.0.relu:pre"]["shape"] == [64, 56, 56]
 
 
-def test_layers_of_a_user_model_with_functional_inplace_relu(capsys):
-    code, out, err = kd(["layers", "tests.userpkg:Net", "--num-classes", "10"], capsys)
+def test_layers_of_a_user_model_with_functional_inplace_relu(cli):
+    code, out, err = cli(["layers", "tests.userpkg:Net", "--num-classes", "10"])
     assert code == 0, err
     names = {l.split()[0]: l.split()[-1] for l in out.splitlines() if l.split()}
     assert names["relu:pre"] == "8x32x32" and names["relu_1:pre"] == "16x16x16"
     assert names["fc"] == "10"
 
 
-def test_layers_unknown_model_suggests(capsys):
-    code, out, err = kd(["layers", "wrn-16-x"], capsys)
+def test_layers_unknown_model_suggests(cli):
+    code, out, err = cli(["layers", "wrn-16-x"])
     assert code == 2
     assert "did you mean" in err and "wrn-16-2" in err and "Traceback" not in out + err
-    code, out, err = kd(["layers", "torchvision:resnet181"], capsys)
+    code, out, err = cli(["layers", "torchvision:resnet181"])
     assert code == 2 and "resnet18" in err
 
 
 # ------------------------------------------------------------------------------------------- models
-def test_models_lists_parameter_counts(capsys):
-    code, out, _ = kd(["models"], capsys)
+def test_models_lists_parameter_counts(cli):
+    code, out, _ = cli(["models"])
     assert code == 0
     line = next(l for l in out.splitlines() if l.split() and l.split()[0] == "wrn-16-2")
     expected = sum(p.numel() for p in build_model("wrn-16-2", num_classes=100).parameters())
     assert f"{expected:,}" in line
-    code, out, _ = kd(["models", "--json"], capsys)
+    code, out, _ = cli(["models", "--json"])
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["wrn-16-2"]["params"] == expected
 
@@ -267,7 +261,7 @@ def test_python_dash_m_help():
 def test_tune_allocator_applies_on_glibc_and_respects_the_user(monkeypatch):
     import platform
 
-    from kdgraph.runtime import tune_allocator
+    from kdgraph.app.runtime import tune_allocator
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import yaml
 
 from kdgraph import Distiller
-from kdgraph.cli import main
+from kdgraph.app.cli import main
 from kdgraph.data.digits import digits_split
 from kdgraph.distiller import TermProblems
 from kdgraph.graph import tap

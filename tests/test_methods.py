@@ -1,6 +1,6 @@
 """The built-in loss methods end to end, gradient flow, MarginReLU margins, positions, connectors, user terms.
 
-A wrn-16-1 teacher is trained once (one epoch on ``digits``) and shared by the whole module; students are
+A wrn-16-1 teacher is trained once (one epoch on ``digits``) and shared by the whole session; students are
 wrn-10-1. One intra-op thread keeps these small convolutions fast on a loaded 2-core machine.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from kdgraph.cli import main
+from kdgraph.app.cli import main
 from kdgraph.graph import layers, stage_ends, tap, trace
 from kdgraph.losses import LOSSES, Outputs, Setup, build_terms
 from kdgraph.losses.connectors import Align
@@ -41,15 +41,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, _one_thread) -> Path:
-    """best.pt of a wrn-16-1 trained for one epoch (45 steps of 32; about 60% test top-1)."""
-    root = tmp_path_factory.mktemp("teacher")
-    run({"name": "teacher", "data": {"dataset": "digits", "workers": 0, "batch_size": 32},
-         "student": {"model": "wrn-16-1"},
-         "train": {"epochs": 1, "device": "cpu", "optimizer": {"lr": 0.05}, "schedule": {"name": "constant"}},
-         "log": {"tensorboard": False}}, root)
-    return root / "teacher" / "checkpoints" / "best.pt"
+@pytest.fixture
+def teacher(teacher_ckpt) -> Path:
+    """best.pt of the session's wrn-16-1 teacher (``teacher_ckpt`` in conftest: one epoch, about 60% top-1)."""
+    return teacher_ckpt
 
 
 def student_spec(name: str, teacher_ckpt: Path, loss: list, teacher_model: str = "wrn-16-1", **train) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kdgraph import spec as specs
+from kdgraph.spec.check import check
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 SPEC_FILES = sorted(SPECS_DIR.glob("*.yaml"))
@@ -202,6 +203,5 @@ def test_short_names_are_the_wrn_28_4_to_16_2_specs(short, full):
 # ---------------------------------------------------------------------------------------- semantics
 @pytest.mark.parametrize("file", SPEC_FILES, ids=IDS)
 def test_semantic_check(file):
-    check = pytest.importorskip("kdgraph.spec.check")
-    problems = [p for s in loaded(file) for p in check.check(s)]
+    problems = [p for s in loaded(file) for p in check(s)]
     assert not problems, "\n".join(":".join(map(str, p[:3])) + f": {p[3]}: {p[4]}" for p in problems)

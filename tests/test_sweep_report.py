@@ -1,6 +1,6 @@
 """Grid search and reports: cell naming, linked keys, key checks, the grid table and heatmap, the report's
 tables and curves on fabricated run directories, the sweep runner against a fake engine, and one real
-end-to-end sweep (skipped until ``kdgraph.engine`` imports)."""
+end-to-end sweep."""
 from __future__ import annotations
 
 import csv
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kdgraph import sweep
+from kdgraph.app import sweep
+from kdgraph.app.grid import SWEEP_FILE, grid_table, write_grid
+from kdgraph.app.format import markdown_table
+from kdgraph.app.report import pivot_tables, report
 from kdgraph.errors import UserError
-from kdgraph.report import markdown_table, pivot_tables, report
 from kdgraph.spec import load
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -35,7 +37,7 @@ log: {tensorboard: false}
 """
 
 
-def write_spec(tmp_path: Path, sweep_block: str, text: str = TINY, name: str = "grid.yaml") -> Path:
+def write_sweep_spec(tmp_path: Path, sweep_block: str, text: str = TINY, name: str = "grid.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text + "sweep:\n" + textwrap.indent(textwrap.dedent(sweep_block), "  "))
     return path
@@ -107,7 +109,7 @@ def test_kd_grid_spec_reproduces_the_original_grid():
 
 
 def test_bad_sweep_key_names_the_path_and_suggests(tmp_path):
-    spec_file = write_spec(tmp_path, """\
+    spec_file = write_sweep_spec(tmp_path, """\
         train.optimizer.lr: [0.1]
         loss.0.wieght: [1]
         """)
@@ -129,14 +131,14 @@ def test_grid_from_fabricated_cells(tmp_path):
     record = sweep.sweep_record("grid", tmp_path / "g.yaml", [], axes, cells)
     record["cells"]["lr=0.2,seed=1"].update(exit=2, ended=1.0)  # failed before writing anything
     sweep_dir.mkdir()
-    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps(record))
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(record))
     fake_run(sweep_dir / "lr=0.1,seed=0", best=71.234)
     fake_run(sweep_dir / "lr=0.1,seed=1", best=72.5)
     fake_run(sweep_dir / "lr=0.2,seed=0", status="failed")
     fake_run(sweep_dir / "lr=0.4,seed=0", best=60.0, status="stopped")
     # lr=0.4,seed=1 never ran
 
-    table = sweep.write_grid(sweep_dir, echo=None)
+    table = write_grid(sweep_dir, echo=None)
     assert table == markdown_table(["lr \\ seed", "0", "1"], [["0.1", "71.23", "72.50"], ["0.2", "failed", "failed"],
                                                               ["0.4", "60.00*", ""]])
     assert table in (sweep_dir / "grid.md").read_text() and "unfinished" in (sweep_dir / "grid.md").read_text()
@@ -146,17 +148,17 @@ def test_grid_from_fabricated_cells(tmp_path):
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == PNG
     # a cell fixed by hand after its failure counts again
     fake_run(sweep_dir / "lr=0.2,seed=1", best=70.0)
-    assert "70.00" in sweep.write_grid(sweep_dir, echo=None)
+    assert "70.00" in write_grid(sweep_dir, echo=None)
 
 
 def test_grid_folds_extra_keys_into_rows(tmp_path):
     axes = sweep.parse_sweep({"loss.0.weight": [1, 2], "train.seed": [0], "train.epochs": [5, 6]})
     sweep_dir = tmp_path / "g"
     sweep_dir.mkdir()
-    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("g", "g.yaml", [], axes,
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("g", "g.yaml", [], axes,
                                                                             sweep.grid_cells(axes))))
     fake_run(sweep_dir / "weight=2,seed=0,epochs=6", best=50.0)
-    grid = sweep.grid_table(sweep_dir)
+    grid = grid_table(sweep_dir)
     assert grid["header"] == ["weight, epochs \\ seed", "0"]
     assert grid["rows"] == [["1, epochs=5", ""], ["1, epochs=6", ""], ["2, epochs=5", ""], ["2, epochs=6", "50.00"]]
 
@@ -199,7 +201,7 @@ def test_report_on_a_sweep_dir_refreshes_its_grid(tmp_path):
     axes = sweep.parse_sweep({"train.seed": [0, 1]})
     sweep_dir = tmp_path / "s"
     sweep_dir.mkdir()
-    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("s", "s.yaml", [], axes,
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("s", "s.yaml", [], axes,
                                                                             sweep.grid_cells(axes))))
     fake_run(sweep_dir / "seed=1", best=40.0)
     out = report([str(sweep_dir)], out_dir=tmp_path / "rep", echo=lambda s: None)
@@ -248,7 +250,7 @@ def test_runner_skips_resumes_forces_and_records_failures(tmp_path, monkeypatch)
     monkeypatch.setattr(sweep, "engine_command", lambda: [sys.executable, str(engine)])
     monkeypatch.setenv("FAKE_ENGINE_LOG", str(calls))
     monkeypatch.setenv("FAKE_FAIL", "lr=0.2,seed=1")
-    spec_file = write_spec(tmp_path, """\
+    spec_file = write_sweep_spec(tmp_path, """\
         train.optimizer.lr: [0.1, 0.2]
         train.seed: [0, 1]
         """)
@@ -306,7 +308,7 @@ def test_cells_get_one_gpu_each(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no CUDA device '3'"):
         sweep._slots("auto", None, "0,3")
 
-    spec_file = write_spec(tmp_path, """\
+    spec_file = write_sweep_spec(tmp_path, """\
         train.optimizer.lr: [0.1, 0.2]
         train.seed: [0, 1]
         """)
@@ -316,7 +318,6 @@ def test_cells_get_one_gpu_each(tmp_path, monkeypatch):
 
 
 def test_a_teacher_to_train_is_trained_by_the_first_cell_alone(tmp_path, monkeypatch):
-    pytest.importorskip("kdgraph.engine", reason="the training engine (kdgraph/engine.py) is not there yet")
     engine = tmp_path / "fake_engine.py"
     engine.write_text(FAKE_ENGINE.replace('float(v["train.optimizer.lr"])', '0.1').replace('int(v["train.seed"])', '0'))
     monkeypatch.setattr(sweep, "engine_command", lambda: [sys.executable, str(engine)])
@@ -324,7 +325,7 @@ def test_a_teacher_to_train_is_trained_by_the_first_cell_alone(tmp_path, monkeyp
     (tmp_path / "teacher.yaml").write_text(TINY.replace("tiny_grid", "tiny_teacher"))
     student = TINY.replace("loss: [{method: ce}]", "teacher: {model: wrn-10-1, from_spec: teacher.yaml}\n"
                                                    "loss: [{method: ce}, {method: kd}]")
-    spec_file = write_spec(tmp_path, "loss.1.temperature: [2, 4, 8]\n", text=student)
+    spec_file = write_sweep_spec(tmp_path, "loss.1.temperature: [2, 4, 8]\n", text=student)
     printed = []
     sweep.run_sweep(spec_file, jobs=2, runs_dir=tmp_path / "runs", echo=printed.append)
     assert "the first cell runs alone" in "\n".join(printed)
@@ -336,10 +337,9 @@ def test_a_teacher_to_train_is_trained_by_the_first_cell_alone(tmp_path, monkeyp
 
 # -------------------------------------------------------------------------------------- end to end
 def test_end_to_end_sweep_with_resume_and_a_failing_value(tmp_path, monkeypatch):
-    pytest.importorskip("kdgraph.engine", reason="the training engine (kdgraph/engine.py) is not there yet")
     pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
     monkeypatch.chdir(tmp_path)
-    spec_file = write_spec(tmp_path, """\
+    spec_file = write_sweep_spec(tmp_path, """\
         train.optimizer.lr: [0.05, -1]
         train.seed: [0, 1]
         """)

@@ -13,7 +13,7 @@ pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'kdgraph[
 import gradio as gr  # noqa: E402
 
 from kdgraph import spec as specs  # noqa: E402
-from kdgraph.cli import main as cli_main  # noqa: E402
+from kdgraph.app.cli import main as cli_main  # noqa: E402
 from kdgraph.errors import UserError  # noqa: E402
 from kdgraph.ui import forms, jobs, runs  # noqa: E402
 from kdgraph.ui.handlers import Handlers  # noqa: E402
@@ -410,9 +410,6 @@ def test_gpu_queue_one_run_per_gpu(tmp_path, make_manager, monkeypatch):
     wait_for(manager, lambda: state(manager, "on1") == "running")
     with pytest.raises(UserError, match="no GPU 2"):
         manager.submit_run("x", "{}", gpus=[2])
-    if not jobs.supports_nproc():
-        with pytest.raises(UserError, match="--nproc"):
-            manager.submit_run("x", "{}", gpus=[0, 1])
     cpu = manager.submit_run("cpu", json.dumps({"epochs": 1}), gpus=[])
     assert cpu.state == "running" and cpu.assigned == []
 

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed import rank as _rank, world as _world
 from ..errors import UserError, did_you_mean
 from .base import DATASETS, DatasetInfo
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
@@ -104,7 +105,7 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
     batch_size = int(cfg.get("batch_size") or 128)
     test_batch_size = int(cfg.get("test_batch_size") or 2 * batch_size)
     workers = int(cfg["workers"] if cfg.get("workers") is not None else 4)
-    rank, world = _rank_world() if distributed else (0, 1)
+    rank, world = (_rank(), _world()) if distributed else (0, 1)
     if kind == "tensor":
         return (*_tensor_loaders(cfg, train_set, test_set, info, batch_size, test_batch_size, workers, seed,
                                  rank, world, device, indices), info)
@@ -241,14 +242,6 @@ def _seed_all(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def seed_worker(worker_id: int) -> None:

@@ -8,8 +8,9 @@ A term holds its state (connectors, margins, memory banks) and calls the pure ma
   (``"all"``, ``"last"``, ``"middle"`` or ``"embedding"``) and ``default_weight``;
 * take its parameters as keyword arguments of ``__init__`` (they are the spec keys of the term);
 * optionally override ``setup(ctx)`` (called once, after the teacher is loaded, with the traced shapes);
-* implement ``forward(out: Outputs) -> Tensor``, the *unweighted* loss. The engine multiplies by
-  ``weight`` (ramped up over ``warmup_epochs``) and logs each term separately.
+* implement ``forward(out: Outputs) -> Tensor``, the *unweighted* loss. :class:`kdgraph.Distiller`
+  multiplies it by ``weight`` (ramped up over ``warmup_epochs``: :meth:`Term.factor`) and reports each
+  term separately.
 
 What the framework offers a term beyond that (see :class:`Term`): the dataset index of every sample
 (``out.index``), state saved in checkpoints (buffers), state kept equal across processes
@@ -65,7 +66,41 @@ class Setup:
 
 
 class Term(nn.Module):
-    """Base class of the loss terms; see the module docstring for the protocol.
+    """One entry of a spec's ``loss:`` list: an ``nn.Module`` returning its *unweighted* loss for a step.
+
+    Subclasses set the class attributes and implement :meth:`forward`; their ``__init__`` keyword
+    arguments are the spec keys of the term (``weight`` and ``warmup_epochs`` come from this class).
+
+    Class attributes:
+        needs_teacher: whether the term reads the teacher's outputs (the teacher forward is skipped when
+            no term does).
+        features: ``None`` for a term on the logits; ``"out"`` (module outputs) or ``"pre"``
+            (pre-activations) for a term on tapped features -- what ``positions: auto`` picks.
+        auto: which positions ``auto`` picks: ``"all"`` stage ends, ``"last"``, ``"middle"`` or
+            ``"embedding"`` (the input of the last Linear).
+        default_weight: the weight when the spec gives none (the method's canonical weight).
+        teacher_bn_train: the term's teacher features come with BatchNorm on batch statistics (from a
+            view of the teacher; its running statistics never move).
+        init_epochs, lr_scale, synced_buffers: the pre-training stage, the learning-rate multiplier of
+            the term's parameters, the buffers it keeps equal across processes (sections below).
+
+    Args:
+        weight: the term's weight in the total loss (default :attr:`default_weight`).
+        warmup_epochs: ramp the weight linearly from 0 over this many epochs.
+
+    After construction :func:`~kdgraph.losses.build_terms` sets ``self.pairs``, the resolved
+    ``(teacher tap, student tap)`` positions; :meth:`setup` runs once with the traced shapes before the
+    first step.
+
+    Example::
+
+        from kdgraph.losses import Term
+
+        class SoftL1(Term):  # mean |softmax(s) - softmax(t)|
+            def forward(self, out):
+                return (out.logits.softmax(1) - out.teacher_logits.softmax(1)).abs().mean()
+
+        # in a spec:  loss: [{method: ce}, {method: mypkg.losses:SoftL1, weight: 2.0}]
 
     **Sample indices.** ``out.index`` holds the training-set index of each sample of the batch (every
     loader of ``kdgraph run``, and shards under DDP); ``ctx.num_samples`` and ``ctx.targets`` in
@@ -88,7 +123,7 @@ class Term(nn.Module):
     optimizer of the spec's kind, at the spec's learning rate held constant, updates
     :meth:`init_parameters` only; the student is in train mode only while some active term trains
     student parameters, the teacher stays in eval mode. Terms with fewer init epochs drop out of the
-    stage as it goes on. The engine logs the stage (``metrics.jsonl`` rows with ``"stage": "init"``,
+    stage as it goes on. The engine logs the stage (metrics rows with ``"stage": "init"``,
     TensorBoard ``init/...``) and resumes it exactly. During the stage ``out.epoch`` is negative
     (``-init_epochs`` up to 0) and distillation epochs count from 0 as without the stage.
 
@@ -118,7 +153,7 @@ class Term(nn.Module):
         super().__init__()
         self.weight = self.default_weight if weight is None else float(weight)
         self.warmup_epochs = float(warmup_epochs)
-        self.pairs: list[tuple[str, str]] = []  # (teacher tap, student tap), set by the engine
+        self.pairs: list[tuple[str, str]] = []  # (teacher tap, student tap), set by build_terms
 
     def factor(self, epoch: float) -> float:
         """The weight at fractional ``epoch``: linear warm-up over ``warmup_epochs``."""
@@ -127,7 +162,12 @@ class Term(nn.Module):
         return self.weight * min(1.0, max(0.0, epoch) / self.warmup_epochs)
 
     def setup(self, ctx: Setup) -> None:
-        pass
+        """Build state once before training, from ``ctx`` (:class:`Setup`: the models, the taps' traced
+        shapes, the teacher's graph, teacher features on a few training batches). Does nothing here."""
+
+    def forward(self, out: Outputs) -> Tensor:
+        """The *unweighted* loss of one step, a scalar tensor, from ``out`` (:class:`Outputs`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(out)")
 
     def init_loss(self, out: Outputs) -> Tensor:
         """The loss the pre-training stage minimises (default: :meth:`forward`)."""
@@ -153,9 +193,11 @@ def gather(*tensors: Tensor) -> tuple[Tensor, ...]:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    from ..distributed import world as world_size
+
+    world = world_size()
+    if world == 1:
         return tuple(t.detach() for t in tensors)
-    world = dist.get_world_size()
     first = tensors[0]
     sizes = [torch.zeros(1, dtype=torch.long, device=first.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([first.shape[0]], device=first.device))
@@ -172,7 +214,30 @@ def gather(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 class FeatureTerm(Term):
-    """A term on (teacher, student) feature pairs, aligned by connectors built from the traced shapes."""
+    """A term on (teacher, student) feature pairs, aligned by connectors built from the traced shapes.
+
+    :meth:`setup` builds one :class:`~kdgraph.losses.connectors.Align` per pair in ``self.align``;
+    :meth:`pairs_of` yields the aligned ``(student, teacher)`` tensors of a step. The class attributes
+    choose the connectors:
+
+    Class attributes:
+        connect_channels: project the student's channels to the teacher's with a 1x1 conv + BN where
+            they differ.
+        always_connect: project even where the channel counts agree (Heo et al.).
+        match_spatial: average-pool the larger map where the spatial sizes differ.
+
+    Example (the ``Cosine`` term of the README)::
+
+        import torch.nn.functional as F
+        from kdgraph.losses import FeatureTerm
+
+        class Cosine(FeatureTerm):  # 1 - cos(r(s), t) averaged over positions and samples
+            auto = "last"
+
+            def forward(self, out):
+                return sum((1 - F.cosine_similarity(s.flatten(1), t.flatten(1))).mean()
+                           for s, t in self.pairs_of(out))
+    """
 
     features = "out"
     connect_channels = True   # project student channels to the teacher's with 1x1 conv + BN
@@ -186,6 +251,7 @@ class FeatureTerm(Term):
             for t, s in self.pairs)
 
     def pairs_of(self, out: Outputs):
+        """The aligned ``(student, teacher)`` feature tensors of each pair, in ``self.pairs`` order."""
         for (t, s), align in zip(self.pairs, self.align):
             yield align(out.feats[s], out.teacher_feats[t])
 

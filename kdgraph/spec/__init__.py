@@ -62,6 +62,13 @@ def schema() -> dict:
     return json.loads(resources.files(__package__).joinpath("schema.json").read_text())
 
 
+def resolve_ref(sch: dict, root: dict) -> dict:
+    """``sch`` with its ``$ref`` followed (``#/$defs/NAME`` of ``root``, the schema), repeatedly."""
+    while "$ref" in sch:
+        sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
+    return sch
+
+
 # ------------------------------------------------------------------------------------------------ YAML
 def _construct(node: yaml.Node, file: str, path: Path_, positions: dict) -> Any:
     positions[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
@@ -271,16 +278,11 @@ def apply_defaults(data: dict, sch: dict | None = None) -> None:
     """Fill schema defaults into ``data`` in place (objects that are present, and top-level sections)."""
     root = sch or schema()
 
-    def resolve(s: dict) -> dict:
-        while "$ref" in s:
-            s = root["$defs"][s["$ref"].rsplit("/", 1)[-1]]
-        return s
-
     def fill(obj: Any, s: dict) -> None:
-        s = resolve(s)
+        s = resolve_ref(s, root)
         if isinstance(obj, dict):
             for key, sub in s.get("properties", {}).items():
-                sub = resolve(sub)
+                sub = resolve_ref(sub, root)
                 if key not in obj:
                     if "default" in sub:
                         obj[key] = copy.deepcopy(sub["default"])
@@ -293,3 +295,44 @@ def apply_defaults(data: dict, sch: dict | None = None) -> None:
                 fill(item, s["items"])
 
     fill(data, root)
+
+
+# ---------------------------------------------------------------------------------- teacher.from_spec
+TEACHER_DATA = ("dataset", "root", "download", "options")  # what a from_spec teacher takes from the student's spec
+
+
+def split_ref(ref: str, spec_file: str | Path) -> tuple[Path, str]:
+    """``FILE#NAME`` (a ``teacher.from_spec``) as ``(spec file, NAME or "")``.
+
+    FILE is relative to the folder of ``spec_file`` (the spec that holds the reference); an empty FILE
+    (``#NAME``) is ``spec_file`` itself, and no ``#NAME`` means the first spec of the file.
+    """
+    file, _, doc = str(ref).partition("#")
+    return (Path(spec_file).parent / file if file else Path(spec_file)), doc
+
+
+def absolute_ref(ref: str, spec_file: str | Path) -> str:
+    """``ref`` (see :func:`split_ref`) with an absolute file, valid from any folder."""
+    path, doc = split_ref(ref, spec_file)
+    return f"{path.resolve()}#{doc}" if doc else str(path.resolve())
+
+
+def teacher_spec(spec: Spec) -> Spec:
+    """The spec that ``teacher.from_spec`` names, as the student's spec would train it.
+
+    The student's ``--set`` overrides of ``data`` and ``train`` apply to it too, and where the data set
+    differs (:data:`TEACHER_DATA`; e.g. a CIFAR recipe's teacher named by a spec switched to digits), the
+    teacher follows the student's. The returned spec's ``overrides`` list what was applied.
+    """
+    ref = spec.data["teacher"]["from_spec"]
+    path, doc = split_ref(ref, spec.file)
+    inherited = [o for o in spec.overrides if o.split("=", 1)[0].split(".")[0] in ("data", "train")]
+    chosen = [d for d in load_all(path, inherited) if not doc or d.data["name"] == doc]
+    if not chosen:
+        raise UserError(f"teacher.from_spec {ref!r}: no spec named {doc!r} in {path}")
+    teacher = chosen[0]
+    follow = [f"data.{k}={flow_text(spec.data['data'].get(k))}" for k in TEACHER_DATA
+              if spec.data["data"].get(k) != teacher.data["data"].get(k)]
+    if follow:
+        teacher = [d for d in load_all(path, inherited + follow) if d.data["name"] == teacher.data["name"]][0]
+    return teacher

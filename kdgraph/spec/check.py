@@ -5,13 +5,11 @@ teacher is cheap and reads no weights.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..errors import SpecError, UserError
 from ..graph import layers
-from . import Spec, load_all
+from . import Spec, load_all, split_ref
 
 
 def validate(file, overrides=(), text: str | None = None) -> tuple[list[tuple], int]:
@@ -85,8 +83,7 @@ def check(spec: Spec) -> list[tuple]:
             problems.append(spec.problem(("teacher",), "a teacher needs `checkpoint`, `weights` or `from_spec` "
                                                       "(a randomly initialised teacher teaches nothing)"))
         if teacher.get("from_spec"):
-            file = teacher["from_spec"].partition("#")[0]
-            base = Path(spec.file).parent / file if file else Path(spec.file)
+            base = split_ref(teacher["from_spec"], spec.file)[0]
             if not base.exists():
                 problems.append(spec.problem(("teacher", "from_spec"), f"teacher spec {base} does not exist"))
     checkable = "student" in rows and ("teacher" in rows or not teacher)

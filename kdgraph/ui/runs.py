@@ -1,8 +1,8 @@
 """The Runs and Sweeps tabs without Gradio: the runs folder as tables, curves, progress and log tails.
 
-The runs folder is the source of truth: a run is a directory with a ``summary.json`` (written by the
-trainer) or one the UI launched (see :mod:`kdgraph.ui.jobs`); a sweep is a directory with a
-``sweep.json``. The job records (plain dicts from :meth:`JobManager.snapshot`) add what only the launcher
+The runs folder is the source of truth: a run is a directory with a summary (written by the trainer:
+:class:`~kdgraph.app.rundir.RunDir`) or one the UI launched (see :mod:`kdgraph.ui.jobs`); a sweep is a
+directory with a sweep record (:mod:`kdgraph.app.grid`). The job records (plain dicts from :meth:`JobManager.snapshot`) add what only the launcher
 knows: queued, running or stopping, the exit status, the GPUs.
 """
 from __future__ import annotations
@@ -13,29 +13,19 @@ from pathlib import Path
 
 import yaml
 
+from kdgraph.app.format import duration, pct
+from kdgraph.app.grid import SWEEP_FILE, grid_table
+from kdgraph.app.launch import failure_reason
+from kdgraph.app.rundir import STOPPED, RunDir
 from kdgraph.errors import UserError
-from kdgraph.report import best_top1, read_json, read_metrics
-from kdgraph.sweep import SWEEP_FILE, failure_reason, grid_table
 
-from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, STOPPED, check_name
+from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, check_name
 
 RUN_HEADERS = ["run", "status", "epochs", "best top-1", "latest top-1", "teacher top-1", "student", "teacher",
                "methods", "device", "wall time", "exit"]
 RESUMABLE = ("stopped", "failed", "killed", "interrupted", "cancelled")
 LOSS_KEYS = ("loss", "test_loss")
 ACCURACY_KEYS = ("train_top1", "test_top1", "test_top5")
-
-
-def duration(seconds: float | None) -> str:
-    """``H:MM:SS`` (empty for None)."""
-    if seconds is None:
-        return ""
-    s = int(round(max(seconds, 0)))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _pct(value) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
 
 
 def tail(path: str | Path, lines: int = 40) -> str:
@@ -52,9 +42,9 @@ def tail(path: str | Path, lines: int = 40) -> str:
 
 
 def run_log(run_dir: str | Path) -> Path:
-    """The file with a run's output: the launcher's ``output.log``, else the trainer's ``log.txt``."""
+    """The file with a run's output: the launcher's ``output.log``, else the trainer's log."""
     run_dir = Path(run_dir)
-    return run_dir / OUTPUT_LOG if (run_dir / OUTPUT_LOG).exists() else run_dir / "log.txt"
+    return run_dir / OUTPUT_LOG if (run_dir / OUTPUT_LOG).exists() else RunDir(run_dir).log_file
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -67,7 +57,7 @@ def _named(name: str) -> bool:
 
 
 def run_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
-    """Runs of the folder, most recently active first: directories with a ``summary.json`` or launched by
+    """Runs of the folder, most recently active first: directories with a summary or launched by
     the UI (sweep directories are not runs; their cells are listed in the Sweeps tab), named as a spec's
     ``name`` can be (:func:`~kdgraph.ui.jobs.check_name`: what :func:`run_view` accepts)."""
     runs_dir = Path(runs_dir)
@@ -75,9 +65,9 @@ def run_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
     if runs_dir.is_dir():
         for d in runs_dir.iterdir():
             known = jobs.get(d.name, {}).get("kind") == "run"
-            if _named(d.name) and d.is_dir() and not (d / SWEEP_FILE).exists() and \
-                    ((d / "summary.json").exists() or known):
-                stamps = [p.stat().st_mtime for p in (d / "summary.json", d / OUTPUT_LOG, d) if p.exists()]
+            rd = RunDir(d)
+            if _named(d.name) and d.is_dir() and not (d / SWEEP_FILE).exists() and (rd.is_run() or known):
+                stamps = [p.stat().st_mtime for p in (rd.summary_file, d / OUTPUT_LOG, d) if p.exists()]
                 found[d.name] = max(stamps + [jobs.get(d.name, {}).get("submitted") or 0])
     return sorted(found, key=lambda n: (-found[n], n))
 
@@ -115,16 +105,16 @@ def _device(job: dict | None, summary: dict) -> str:
 
 def run_record(runs_dir: str | Path, name: str, job: dict | None) -> dict:
     """What the runs table and the run view show about one run."""
-    run_dir = Path(runs_dir) / name
-    summary = read_json(run_dir / "summary.json") or {}
+    rd = RunDir(Path(runs_dir) / name)
+    summary = rd.summary()
     return {"name": name, "status": run_status(summary, job), "summary": summary,
             "epochs_done": summary.get("epochs_done"), "epochs": summary.get("epochs"),
-            "best_top1": best_top1(run_dir, summary), "final_top1": summary.get("final_top1"),
+            "best_top1": rd.best_top1(summary), "final_top1": summary.get("final_top1"),
             "teacher_top1": summary.get("teacher_top1"), "student": summary.get("student"),
             "teacher": summary.get("teacher"), "methods": summary.get("methods") or [],
             "device": _device(job, summary), "wall_seconds": summary.get("wall_seconds"),
             "exit": job.get("exit") if job and job["state"] == "ended" else None,
-            "resumable": (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / LAUNCH_SPEC).exists()}
+            "resumable": rd.last.exists() or (rd.path / LAUNCH_SPEC).exists()}
 
 
 def runs_table(runs_dir: str | Path, jobs: dict[str, dict]) -> list[list[str]]:
@@ -133,8 +123,8 @@ def runs_table(runs_dir: str | Path, jobs: dict[str, dict]) -> list[list[str]]:
     for name in run_names(runs_dir, jobs):
         r = run_record(runs_dir, name, jobs.get(name))
         epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else 0}/{r['epochs'] or '?'}"
-        rows.append([name, r["status"], epochs, _pct(r["best_top1"]), _pct(r["final_top1"]),
-                     _pct(r["teacher_top1"]), r["student"] or "", r["teacher"] or "", "+".join(r["methods"]),
+        rows.append([name, r["status"], epochs, pct(r["best_top1"]), pct(r["final_top1"]),
+                     pct(r["teacher_top1"]), r["student"] or "", r["teacher"] or "", "+".join(r["methods"]),
                      r["device"], duration(r["wall_seconds"]), "" if r["exit"] is None else str(r["exit"])])
     return rows
 
@@ -177,7 +167,7 @@ def progress_text(p: dict, status: str) -> str:
 
 
 def term_weights(spec: dict | None) -> dict[str, tuple[float, float]]:
-    """``{term name: (weight, warmup epochs)}`` of a run's spec ``loss:`` list (names as in metrics.jsonl:
+    """``{term name: (weight, warmup epochs)}`` of a run's spec ``loss:`` list (names as in its metrics:
     :func:`kdgraph.distiller.term_names`; an omitted weight is the method's canonical one); {} when unknown."""
     from kdgraph.distiller import term_names
 
@@ -209,7 +199,7 @@ def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None =
     and the accuracy plot (train and test top-1, test top-5).
 
     With the run's ``weights`` (:func:`term_weights`), each term is drawn as its weighted contribution to
-    ``loss`` (metrics.jsonl holds the unweighted term), labelled ``WEIGHT·NAME`` -- the parts add up to the
+    ``loss`` (the metrics hold the unweighted term), labelled ``WEIGHT·NAME`` -- the parts add up to the
     total; a term with ``warmup_epochs`` w counts ``weight·min(1, (epoch - 0.5)/w)`` (the epoch's average
     weight) and its label starts with ≈. A term without a known weight keeps its ``loss/NAME`` label."""
     loss, acc = [], []
@@ -247,9 +237,9 @@ def teacher_first(log: str | Path, runs_dir: str | Path) -> str | None:
         return None
     name, where = matches[-1]
     tdir = Path(where)
-    summary = read_json(tdir / "summary.json") or {}
+    summary = RunDir(tdir).summary()
     done = summary.get("epochs_done")
-    done = len(read_metrics(tdir)) if done is None and tdir.is_dir() else (done or 0)
+    done = len(RunDir(tdir).metrics()) if done is None and tdir.is_dir() else (done or 0)
     total = summary.get("epochs") or "?"
     line = f"training its teacher first: **{name}**, epoch {done}/{total}"
     try:
@@ -295,26 +285,26 @@ def _spec_data(path: Path) -> dict | None:
 def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | None = None) -> dict:
     """Everything about one run: ``name``, ``status``, ``exit`` (None while unknown), ``progress`` (see
     :func:`progress`), ``markdown`` (status, progress, accuracies, the error of a failure), ``loss`` and
-    ``accuracy`` (curve rows), ``metrics`` (the rows of metrics.jsonl), ``log`` (its tail), ``summary``,
+    ``accuracy`` (curve rows), ``metrics`` (the run's metrics rows), ``log`` (its tail), ``summary``,
     ``spec`` (YAML text), ``can_stop`` and ``can_resume``.
 
     ``name`` must name a directory of the runs folder (:func:`~kdgraph.ui.jobs.check_name`): it may come
     from a page's free text or the API, and must not reach files elsewhere."""
-    run_dir = Path(runs_dir) / check_name(name)
-    if not run_dir.is_dir():
+    rd = RunDir(Path(runs_dir) / check_name(name))
+    if not rd.path.is_dir():
         raise UserError(f"no run {name!r} in {runs_dir}")
     record = run_record(runs_dir, name, job)
     summary, status = record["summary"], record["status"]
-    metrics = read_metrics(run_dir)
+    metrics = rd.metrics()
     lines = [f"### {name}: {status}" + (f" (exit status {record['exit']})" if record["exit"] is not None else "")]
-    log = run_log(run_dir)
+    log = run_log(rd.path)
     lines.append(progress_text(progress(summary, metrics, job, now), status))
     if status in ACTIVE and not metrics:
         first = teacher_first(log, runs_dir)
         if first:
             lines.append(first)
     final = "final top-1" if status == "finished" else "latest top-1"
-    accuracies = [f"{label} {_pct(record[key])}%" for key, label in
+    accuracies = [f"{label} {pct(record[key])}%" for key, label in
                   [("best_top1", "best top-1"), ("final_top1", final), ("teacher_top1", "teacher top-1")]
                   if record[key] is not None]
     if accuracies:
@@ -329,7 +319,7 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
         lines.append(f"**{status}**" + (f": {reason}" if reason else "") + " — see the log below")
     if job and job.get("note"):
         lines.append(job["note"])
-    spec = run_dir / "spec.yaml" if (run_dir / "spec.yaml").exists() else run_dir / LAUNCH_SPEC
+    spec = rd.spec_file if rd.spec_file.exists() else rd.path / LAUNCH_SPEC
     loss, acc = curves(metrics, term_weights(_spec_data(spec)) if spec.exists() else None)
     return {"name": name, "status": status, "exit": record["exit"], "progress": progress(summary, metrics, job, now),
             "markdown": "\n\n".join(lines), "loss": loss, "accuracy": acc, "metrics": metrics, "log": tail(log),
@@ -339,7 +329,7 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
 
 # ---------------------------------------------------------------------------------------------- sweeps
 def sweep_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
-    """Sweep directories (with a ``sweep.json``, or launched by the UI), most recent first (with names
+    """Sweep directories (with a sweep record, or launched by the UI), most recent first (with names
     :func:`sweep_view` accepts)."""
     runs_dir = Path(runs_dir)
     found: dict[str, float] = {}

@@ -119,15 +119,10 @@ def strip_defaults(data: dict) -> dict:
     """
     root = specs.schema()
 
-    def resolve(s: dict) -> dict:
-        while "$ref" in s:
-            s = root["$defs"][s["$ref"].rsplit("/", 1)[-1]]
-        return s
-
     def strip(obj: dict, sch: dict) -> None:
-        props = resolve(sch).get("properties", {})
+        props = specs.resolve_ref(sch, root).get("properties", {})
         for key in list(obj):
-            sub = resolve(props.get(key, {}))
+            sub = specs.resolve_ref(props.get(key, {}), root)
             if key != "loss" and "default" in sub and _same(obj[key], sub["default"]):
                 del obj[key]
             elif isinstance(obj[key], dict) and "properties" in sub:
@@ -471,12 +466,10 @@ def launch_text(data: dict, specs_dir: str | Path) -> str:
     teacher = data.get("teacher") or {}
     ref = teacher.get("from_spec")
     if ref:
-        file, sep, doc = str(ref).partition("#")
-        if not file:
+        if str(ref).startswith("#"):
             raise UserError(f"teacher.from_spec {ref!r} names a spec of the same file; name the file too "
-                            f"(FILE#{doc}) so that the run finds it")
-        if not Path(file).is_absolute():
-            teacher["from_spec"] = str((Path(specs_dir) / file).resolve()) + sep + doc
+                            f"(FILE{ref}) so that the run finds it")
+        teacher["from_spec"] = specs.absolute_ref(ref, Path(specs_dir) / "form.yaml")  # relative to the folder
     return spec_yaml(data)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from kdgraph.app.rundir import RunDir
 from kdgraph.errors import UserError
 
 from . import forms, jobs, runs
@@ -63,7 +64,7 @@ class Handlers:
         """Checkpoints of finished runs in the runs folder (candidates for a teacher)."""
         out = []
         for name in runs.run_names(self.runs_dir, {}):
-            best = self.runs_dir / name / "checkpoints" / "best.pt"
+            best = RunDir(self.runs_dir / name).best
             if best.exists():
                 out.append(str(best))
         return out

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from .errors import SpecError, UserError
+from ..errors import SpecError, UserError
+from .rundir import STOPPED
 
 
 def _specs_arg(p: argparse.ArgumentParser, many: bool = True) -> None:
@@ -15,12 +16,44 @@ def _specs_arg(p: argparse.ArgumentParser, many: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    """The ``kdgraph`` argument parser: one sub-command each (``kdgraph COMMAND --help``)."""
+    from .. import __version__
 
     ap = argparse.ArgumentParser(prog="kdgraph", description="Knowledge distillation for PyTorch, driven by specs.")
     ap.add_argument("--version", action="version", version=f"kdgraph {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run_parser(sub)
+    _specs_arg(sub.add_parser("validate", help="check specs: schema, models, layer names, methods"))
+    sub.add_parser("schema", help="print the spec JSON Schema")
+    p = sub.add_parser("layers", help="list a model's tappable layers with their shapes")
+    p.add_argument("model", help="registry name, torchvision:NAME or package.module:callable")
+    p.add_argument("--input-size", nargs=3, type=int, default=[3, 32, 32], metavar=("C", "H", "W"))
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--leaf", action="append", default=[], help="module path or class kept opaque (repeatable)")
+    p.add_argument("--filter", default="", help="only names containing this text")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("models", help="list the registered models with parameter counts")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("sweep", help="run the grid of a spec's `sweep:` block")
+    _specs_arg(p, many=False)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--jobs", type=int, default=None, help="cells at a time on CPU (default 1)")
+    p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1, or cpu (default: all visible GPUs)")
+    p.add_argument("--force", action="store_true", help="re-run finished cells")
+    p = sub.add_parser("report", help="tables and learning curves of run directories")
+    p.add_argument("runs", nargs="+", help="run or sweep directories, or globs")
+    p.add_argument("--out", help="where report.md/csv and curves.png go")
+    p = sub.add_parser("ui", help="the web UI: build specs, launch and follow runs (needs kdgraph[ui])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--specs-dir", default="specs")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="required when --host is not a loopback address")
+    _bench_parser(sub)
+    return ap
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train a spec (a teacher, a student alone, or a distillation)")
     _specs_arg(p)
     p.add_argument("--out", help="run directory (default RUNS_DIR/NAME; one spec only)")
@@ -30,43 +63,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (one per GPU; gloo on CPU) through torchrun")
 
-    p = sub.add_parser("validate", help="check specs: schema, models, layer names, methods")
-    _specs_arg(p)
 
-    sub.add_parser("schema", help="print the spec JSON Schema")
-
-    p = sub.add_parser("layers", help="list a model's tappable layers with their shapes")
-    p.add_argument("model", help="registry name, torchvision:NAME or package.module:callable")
-    p.add_argument("--input-size", nargs=3, type=int, default=[3, 32, 32], metavar=("C", "H", "W"))
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--leaf", action="append", default=[], help="module path or class kept opaque (repeatable)")
-    p.add_argument("--filter", default="", help="only names containing this text")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = sub.add_parser("models", help="list the registered models with parameter counts")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("sweep", help="run the grid of a spec's `sweep:` block")
-    _specs_arg(p, many=False)
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--jobs", type=int, default=None, help="cells at a time on CPU (default 1)")
-    p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1, or cpu (default: all visible GPUs)")
-    p.add_argument("--force", action="store_true", help="re-run finished cells")
-
-    p = sub.add_parser("report", help="tables and learning curves of run directories")
-    p.add_argument("runs", nargs="+", help="run or sweep directories, or globs")
-    p.add_argument("--out", help="where report.md/csv and curves.png go")
-
-    p = sub.add_parser("ui", help="the web UI: build specs, launch and follow runs (needs kdgraph[ui])")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--specs-dir", default="specs")
-    p.add_argument("--auth", metavar="USER:PASSWORD", help="required when --host is not a loopback address")
-
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory benchmarks, printed as ratios (a table and JSON)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per figure (median is reported)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128, help="batch of figures a and c (b and d: see --step-batch)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--only", default="abcd", help="which figures: any of a, b, c, d (default: all)")
     p.add_argument("--out", default="bench.json", help="where the JSON goes (default: bench.json)")
@@ -74,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="wrn-16-2", help="student model for figures a, b, d (default: wrn-16-2)")
     p.add_argument("--step-batch", type=int, default=None, help="batch of the step figures b, d (default: "
                    "--batch on CUDA, half of it on CPU)")
+    p.add_argument("--data-batches", type=int, default=8, help="batches per timed pass of figure c (default: 8)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "sweep", "bench"):
         from .runtime import tune_allocator
 
-        tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/runtime.py)
+        tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/app/runtime.py)
     try:
         return int(COMMANDS[args.command](args) or 0)
     except SpecError as e:
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("kdgraph: interrupted", file=sys.stderr)
-        return 130
+        return STOPPED
     except BrokenPipeError:  # e.g. `kdgraph layers MODEL | head`: the reader left, which is no error
         import os
 
@@ -103,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_schema(args) -> int:
-    from .spec import schema
+    from ..spec import schema
+
     print(json.dumps(schema(), indent=2))
     return 0
 
 
 def cmd_validate(args) -> int:
-    from .spec.check import validate
+    from ..spec.check import validate
 
     problems, count = [], 0
     for file in args.spec:
@@ -123,9 +125,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import spec as specs
-    from .engine import Stopped, distributed, run
-    from .spec.check import check
+    from .. import spec as specs
+    from ..spec.check import check
+    from .engine import Stopped, run
+    from .runtime import process_group
 
     loaded = [s for file in args.spec for s in specs.load_all(file, args.overrides)]
     problems = [p for s in loaded for p in check(s)]
@@ -136,12 +139,12 @@ def cmd_run(args) -> int:
     if args.nproc is not None:
         return _torchrun(args)
     summaries = []
-    with distributed():
+    with process_group():
         for s in loaded:
             try:
                 summaries.append(run(s, args.out, resume=args.resume, force=args.force, runs_dir=args.runs_dir))
             except Stopped:
-                return 130
+                return STOPPED
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -169,21 +172,21 @@ def _torchrun(args) -> int:
 
 
 def summary_table(summaries: list[dict]) -> str:
-    def pct(v):
-        return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
-    lines = ["| run | student | teacher | methods | teacher top-1 | best top-1 | final top-1 | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s['name']} | {s['student']} | {s.get('teacher') or '-'} | {'+'.join(s['methods'])} | "
-                     f"{pct(s.get('teacher_top1'))} | {pct(s.get('best_top1'))} | {pct(s.get('final_top1'))} | "
-                     f"{s.get('wall_seconds', '-')} |")
-    return "\n".join(lines)
+    """The runs ``kdgraph run`` trained, as a Markdown table."""
+    from .format import markdown_table, pct
+
+    header = ["run", "student", "teacher", "methods", "teacher top-1", "best top-1", "final top-1", "time (s)"]
+    rows = [[s["name"], s["student"], s.get("teacher") or "-", "+".join(s["methods"]),
+             pct(s.get("teacher_top1"), "-"), pct(s.get("best_top1"), "-"), pct(s.get("final_top1"), "-"),
+             s.get("wall_seconds", "-")] for s in summaries]
+    return markdown_table(header, rows, pad=False)
 
 
 def cmd_layers(args) -> int:
-    from .graph import layers
-    from .models import build_model
     import torch
+
+    from ..graph import layers
+    from ..models import build_model
 
     with torch.device("meta"):
         model = build_model(args.model, num_classes=args.num_classes)
@@ -202,7 +205,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models
+    from ..models import list_models
 
     rows = list_models()
     if args.json:
@@ -246,7 +249,7 @@ def cmd_ui(args) -> int:
             raise UserError("--auth takes USER:PASSWORD")
         auth = (user, password)
     try:
-        from .ui.app import serve
+        from ..ui.app import serve
     except ImportError as e:
         raise UserError(f"the UI needs gradio ({e}): pip install 'kdgraph[ui]'") from None
     serve(host=args.host, port=args.port, runs_dir=args.runs_dir, specs_dir=args.specs_dir, auth=auth)

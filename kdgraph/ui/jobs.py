@@ -11,8 +11,9 @@ every CPU slot, for a sweep), so a later job starts before it only on GPUs or CP
 a sweep or a multi-GPU run is not starved by a stream of later single-GPU runs.
 
 Stopping sends SIGTERM to the job's main process -- the trainer saves a checkpoint and exits with status
-130; a sweep stops its cells the same way -- and kills the whole process tree after ``stop_timeout``
-seconds (at once on a second stop). Resuming runs the same command with ``--resume``.
+:data:`~kdgraph.app.rundir.STOPPED`; a sweep stops its cells the same way -- and kills the whole process
+tree after ``stop_timeout`` seconds (at once on a second stop). Resuming runs the same command with
+``--resume``. Processes start through :func:`kdgraph.app.launch.start`, as a sweep's cells do.
 
 The runs folder is the source of truth; :data:`JOBS_FILE` there keeps the queue and the PIDs, so a
 restarted UI re-attaches to what is running. A lock file keeps two UIs from managing one runs folder.
@@ -21,11 +22,8 @@ Nothing here depends on a web page: a background thread advances the queue.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,13 +33,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
+from kdgraph.app.grid import SWEEP_FILE
+from kdgraph.app.launch import engine_command, start
+from kdgraph.app.rundir import RunDir, read_json, write_json
 from kdgraph.errors import UserError
 
 JOBS_FILE = ".ui-jobs.json"
 LOCK_FILE = ".ui-jobs.lock"
-OUTPUT_LOG = "output.log"
-LAUNCH_SPEC = "launch.yaml"
-STOPPED = 130  # the trainer's exit status after a graceful stop
+OUTPUT_LOG = "output.log"   # in a job's directory: the launcher's log of its attempts
+LAUNCH_SPEC = "launch.yaml"  # in a run's directory: the spec the UI started it with
 ACTIVE = ("queued", "running", "stopping")
 RECENT_SECONDS = 120.0  # a run dir written to this recently, whose summary says running, is in use
 
@@ -92,39 +92,21 @@ def pinned_gpu(device) -> int | None:
 
 def outside_activity(run_dir: str | Path, job: "Job | None" = None, now: float | None = None) -> str | None:
     """Why ``run_dir`` looks written to by a process this UI does not manage (a ``kdgraph run`` from a
-    shell), or None: its ``summary.json`` says running and its log, metrics, summary or last checkpoint
-    changed in the last :data:`RECENT_SECONDS` -- and not before the UI's own job there ended (then it is
-    that job's last write: the UI knows it is dead)."""
-    run_dir = Path(run_dir)
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+    shell), or None: its summary says running and its log, metrics, summary or last checkpoint changed in
+    the last :data:`RECENT_SECONDS` -- and not before the UI's own job there ended (then it is that job's
+    last write: the UI knows it is dead)."""
+    rd = RunDir(run_dir)
+    if rd.status() != "running":
         return None
-    if status != "running":
-        return None
-    stamps = []
-    for path in ("log.txt", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
-        try:
-            stamps.append((run_dir / path).stat().st_mtime)
-        except OSError:
-            pass
-    latest = max(stamps, default=0.0)
+    latest = rd.last_write()
     now = time.time() if now is None else now
     if now - latest > RECENT_SECONDS:
         return None
     if job is not None and not job.active and job.ended and latest <= job.ended:
         return None
-    return (f"{run_dir} appears to be running outside the UI (its summary.json says running and it was written "
+    return (f"{run_dir} appears to be running outside the UI (its summary says running and it was written "
             f"{max(now - latest, 0):.0f} s ago): stop that run first, or wait {RECENT_SECONDS:.0f} s after it "
             f"died")
-
-
-def supports_nproc() -> bool:
-    """Whether ``kdgraph run`` takes ``--nproc N`` (several processes through torchrun)."""
-    from kdgraph.cli import parser
-
-    args, _ = parser().parse_known_args(["run", "spec.yaml", "--nproc", "2"])
-    return hasattr(args, "nproc")
 
 
 def gpu_list() -> list[str]:
@@ -195,15 +177,6 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def _exit_from_summary(run_dir: Path) -> int | None:
-    """The exit status a run's ``summary.json`` implies (for a process this UI did not start)."""
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return {"finished": 0, "stopped": STOPPED, "failed": 1}.get(status)
-
-
 # ------------------------------------------------------------------------------------------ manager
 class JobManager:
     """The queue and processes of one runs folder (see the module docstring).
@@ -234,7 +207,7 @@ class JobManager:
         listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
         self._gpu_ids = [listed[i] if i < len(listed) else str(i) for i in range(gpu_count)]
         self.stop_timeout = float(stop_timeout)
-        self.engine = list(engine or [sys.executable, "-m", "kdgraph"])
+        self.engine = list(engine or engine_command())
         self._mutex = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}
         self._jobs: dict[str, Job] = self._read()
@@ -248,10 +221,7 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------ state
     def _read(self) -> dict[str, Job]:
-        try:
-            raw = json.loads((self.runs_dir / JOBS_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        raw = read_json(self.runs_dir / JOBS_FILE)
         known = {f.name for f in fields(Job)}
         jobs = {}
         for item in raw.get("jobs", []) if isinstance(raw, dict) else []:
@@ -260,9 +230,7 @@ class JobManager:
         return jobs
 
     def _save(self) -> None:
-        tmp = self.runs_dir / (JOBS_FILE + ".tmp")
-        tmp.write_text(json.dumps({"jobs": [asdict(j) for j in self._jobs.values()]}, indent=1))
-        tmp.replace(self.runs_dir / JOBS_FILE)
+        write_json(self.runs_dir / JOBS_FILE, {"jobs": [asdict(j) for j in self._jobs.values()]})
 
     def snapshot(self) -> dict[str, dict]:
         """Every job this runs folder knows, as plain dicts by name."""
@@ -277,9 +245,6 @@ class JobManager:
         bad = [g for g in gpus if not 0 <= g < self.gpu_count]
         if bad:
             raise UserError(f"no GPU {bad[0]}: torch sees {self.gpu_count} GPU(s)")
-        if len(gpus) > 1 and not supports_nproc():
-            raise UserError("several GPUs need `kdgraph run --nproc N`, which this kdgraph does not have yet; "
-                            "pick one GPU")
         return gpus
 
     def _enqueue(self, job: Job) -> Job:
@@ -304,9 +269,9 @@ class JobManager:
         with self._mutex:
             self._idle(name)
             run_dir = self.runs_dir / name
-            if (run_dir / "sweep.json").exists():
+            if (run_dir / SWEEP_FILE).exists():
                 raise UserError(f"{run_dir} is a sweep's directory: give the run another name")
-            held = (run_dir / "summary.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+            held = RunDir(run_dir).started()
             if held and not overwrite:
                 raise UserError(f"{run_dir} already holds a run: resume it from the Runs tab, tick "
                                 f"'overwrite' to start it over, or give the spec another name")
@@ -314,7 +279,7 @@ class JobManager:
                 busy = outside_activity(run_dir, self._jobs.get(name))
                 if busy:
                     raise UserError(busy)
-                shutil.rmtree(run_dir)
+                RunDir(run_dir).remove()
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / LAUNCH_SPEC).write_text(spec_text)
             return self._enqueue(Job(name=name, spec=str(run_dir / LAUNCH_SPEC), gpus=self._check_gpus(gpus),
@@ -329,15 +294,11 @@ class JobManager:
             busy = outside_activity(run_dir, previous)
             if busy:
                 raise UserError(busy)
-            try:
-                status = json.loads((run_dir / "summary.json").read_text()).get("status")
-            except (OSError, ValueError, AttributeError):
-                status = None
-            if status == "finished":
+            if RunDir(run_dir).status() == "finished":
                 raise UserError(f"{name} has finished: there is nothing to resume")
-            spec = next((run_dir / f for f in (LAUNCH_SPEC, "spec.yaml") if (run_dir / f).exists()), None)
+            spec = next((run_dir / f for f in (LAUNCH_SPEC, RunDir.SPEC) if (run_dir / f).exists()), None)
             if spec is None:
-                raise UserError(f"{run_dir} holds no spec ({LAUNCH_SPEC} or spec.yaml) to resume")
+                raise UserError(f"{run_dir} holds no spec ({LAUNCH_SPEC} or {RunDir.SPEC}) to resume")
             if gpus is None and previous is not None:
                 gpus = previous.gpus
             spec, pinned = self._unpin(spec, run_dir)
@@ -445,23 +406,19 @@ class JobManager:
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(job, assigned)
         env = self._env(job, assigned)
-        where = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if assigned else "CPU"
         base = 0.0
         if job.resume:
             try:
-                base = float(json.loads((run_dir / "summary.json").read_text()).get("wall_seconds") or 0)
-            except (OSError, ValueError, AttributeError, TypeError):
+                base = float(RunDir(run_dir).summary().get("wall_seconds") or 0)
+            except (ValueError, TypeError):
                 base = 0.0
-        with open(run_dir / OUTPUT_LOG, "a") as log:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {where} {shlex.join(cmd)}\n")
-            log.flush()
-            try:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
-            except OSError as e:
-                job.state, job.ended, job.note = "ended", time.time(), f"could not start: {e}"
+        try:
+            proc = start(cmd, run_dir / OUTPUT_LOG, env)
+        except OSError as e:
+            job.state, job.ended, job.note = "ended", time.time(), f"could not start: {e}"
+            with open(run_dir / OUTPUT_LOG, "a") as log:
                 log.write(f"kdgraph ui: {job.note}\n")
-                return
+            return
         self._procs[job.name] = proc
         stat = _stat(proc.pid)
         job.state, job.assigned, job.cmd, job.pid = "running", assigned, cmd, proc.pid
@@ -479,7 +436,7 @@ class JobManager:
             return False, code
         if _alive(job.pid, job.pid_start):
             return True, None
-        return False, (-signal.SIGKILL if job.killed else _exit_from_summary(self.runs_dir / job.name))
+        return False, (-signal.SIGKILL if job.killed else RunDir(self.runs_dir / job.name).exit_status())
 
     def tick(self) -> None:
         """Reap ended jobs, kill those past their stop timeout, start queued jobs that now fit."""

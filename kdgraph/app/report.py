@@ -8,88 +8,23 @@ distillation method, each cell the best test top-1.
 """
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import UserError
+from ..errors import UserError
+from .format import duration, markdown_table, pct, write_csv
+from .grid import SWEEP_FILE, read_sweep, write_grid
+from .rundir import RunDir
 
 # the original project's column order first; other methods follow in order of appearance
 METHOD_ORDER = ["kd", "dkd", "fitnet", "at", "sp", "nst", "pkt", "rkd", "margin_relu"]
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def read_json(path: str | Path) -> dict | None:
-    """A JSON object from ``path``, or None when it is missing or unreadable (e.g. being rewritten)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` (a partly written last line is ignored)."""
-    records = []
-    try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "epoch" in record:
-            records.append(record)
-    return records
-
-
-def best_top1(run_dir: str | Path, summary: dict) -> float | None:
-    """The run's best test top-1: from ``summary.json``, else the best epoch in ``metrics.jsonl``."""
-    best = summary.get("best_top1")
-    if isinstance(best, (int, float)):
-        return float(best)
-    return max((m["test_top1"] for m in read_metrics(run_dir) if isinstance(m.get("test_top1"), (int, float))),
-               default=None)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub Markdown table with padded columns (readable as plain text too)."""
-    cells = [[str(h) for h in header]] + [["" if v is None else str(v).replace("|", "\\|") for v in row]
-                                          for row in rows]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _pct(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
-
-
-def _duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return ""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # --------------------------------------------------------------------------------------- selection
 def select_runs(paths: Iterable[str]) -> tuple[list[Path], list[Path], list[str]]:
     """``(run dirs, sweep dirs, notes)`` for paths or globs; a sweep dir contributes its cells."""
-    from .sweep import SWEEP_FILE
-
     runs: dict[Path, None] = {}
     sweeps: dict[Path, None] = {}
     notes = []
@@ -100,18 +35,17 @@ def select_runs(paths: Iterable[str]) -> tuple[list[Path], list[Path], list[str]
             continue
         for match in matches:
             path = Path(match)
-            if path.name == "summary.json" and path.is_file():  # e.g. runs/*/summary.json
+            if path.name == RunDir.SUMMARY and path.is_file():  # e.g. the glob runs/*/ + RunDir.SUMMARY
                 path = path.parent
-            if (path / "summary.json").is_file():
+            if RunDir(path).is_run():
                 runs[path] = None
             elif (path / SWEEP_FILE).is_file():
                 sweeps[path] = None
-                cells = (read_json(path / SWEEP_FILE) or {}).get("cells", {})
-                for name in cells:
-                    if (path / name / "summary.json").is_file():
+                for name in (read_sweep(path) or {}).get("cells", {}):
+                    if RunDir(path / name).is_run():
                         runs[path / name] = None
             elif path.is_dir():
-                notes.append(f"{path}: skipped, no summary.json (not a run directory; "
+                notes.append(f"{path}: skipped, no {RunDir.SUMMARY} (not a run directory; "
                              f"select the runs inside with {path}/*)")
     return list(runs), list(sweeps), notes
 
@@ -132,11 +66,12 @@ CSV_COLUMNS = ["name", "teacher", "student", "methods", "teacher_top1", "best_to
 
 
 def run_record(run_dir: Path, name: str) -> dict:
-    """The report's facts about one run, from its ``summary.json``."""
-    s = read_json(run_dir / "summary.json") or {}
+    """The report's facts about one run, from its summary."""
+    rd = RunDir(run_dir)
+    s = rd.summary()
     return {"name": name, "path": str(run_dir), "teacher": s.get("teacher"), "student": s.get("student"),
             "methods": list(s.get("methods") or []), "teacher_top1": s.get("teacher_top1"),
-            "best_top1": best_top1(run_dir, s), "final_top1": s.get("final_top1"),
+            "best_top1": rd.best_top1(s), "final_top1": s.get("final_top1"),
             "epochs_done": s.get("epochs_done"), "epochs": s.get("epochs"),
             "wall_seconds": s.get("wall_seconds"), "status": s.get("status") or "unknown",
             "dataset": s.get("dataset")}
@@ -145,8 +80,8 @@ def run_record(run_dir: Path, name: str) -> dict:
 def _run_row(r: dict) -> list[str]:
     epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '?'}/{r['epochs'] or '?'}"
     return [r["name"], r["teacher"] or "", r["student"] or "", "+".join(r["methods"]),
-            _pct(r["teacher_top1"]), _pct(r["best_top1"]), _pct(r["final_top1"]), epochs,
-            _duration(r["wall_seconds"]), r["status"]]
+            pct(r["teacher_top1"]), pct(r["best_top1"]), pct(r["final_top1"]), epochs,
+            duration(r["wall_seconds"]), r["status"]]
 
 
 def method_label(methods: Sequence[str]) -> str:
@@ -172,7 +107,7 @@ def pivot_tables(records: Sequence[dict]) -> list[dict]:
             teacher_acc = max((r["teacher_top1"] for r in pair if r["teacher_top1"] is not None), default=None)
             alone = [r for r in records if not r["teacher"] and set(r["methods"]) == {"ce"}
                      and r["student"] == student and r["dataset"] == dataset and r["best_top1"] is not None]
-            row = [teacher, student, _pct(teacher_acc), _best_text(alone)]
+            row = [teacher, student, pct(teacher_acc), _best_text(alone)]
             row += [_best_text([r for r in pair if method_label(r["methods"]) == m]) for m in labels]
             rows.append(row)
         tables.append({"dataset": dataset, "header": ["Teacher", "Student", "Teacher acc", "Student acc", *labels],
@@ -184,7 +119,7 @@ def _best_text(runs: Sequence[dict]) -> str:
     if not runs:
         return ""
     best = max(runs, key=lambda r: r["best_top1"])
-    text = _pct(best["best_top1"]) + ("*" if best["status"] != "finished" else "")
+    text = pct(best["best_top1"]) + ("*" if best["status"] != "finished" else "")
     return text + (f" (best of {len(runs)})" if len(runs) > 1 else "")
 
 
@@ -228,14 +163,12 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
     Returns ``{"out_dir", "runs" (one record per run), "pivots", "grids" (refreshed sweep dirs), "files",
     "notes"}``. ``out_dir`` defaults to the common parent of the runs (or the current directory).
     """
-    from .sweep import write_grid
-
     run_dirs, sweep_dirs, notes = select_runs(paths)
     for note in notes:
         echo(f"note: {note}")
     if not run_dirs:
         raise UserError(f"no runs to report in {' '.join(map(str, paths)) or '(nothing given)'}: "
-                        f"give run directories (with a summary.json), sweep directories or globs such as runs/*")
+                        f"give run directories (with a {RunDir.SUMMARY}), sweep directories or globs such as runs/*")
     parent = _common_parent(run_dirs)
     out = Path(out_dir) if out_dir is not None else parent
     out.mkdir(parents=True, exist_ok=True)
@@ -261,11 +194,11 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
     if any("*" in section for section in sections[1:]):
         notes.append("\\* an unfinished run: its best top-1 so far")
     files = {"report_md": out / "report.md", "report_csv": out / "report.csv", "curves": out / "curves.png"}
-    if plot_curves([(r["name"], read_metrics(Path(r["path"]))) for r in records], files["curves"]):
+    if plot_curves([(r["name"], RunDir(r["path"]).metrics()) for r in records], files["curves"]):
         sections.append("## Learning curves\n\n![curves](curves.png)\n")
     else:
         files["curves"] = None
-        notes.append("no metrics.jsonl records: curves.png not written")
+        notes.append(f"no {RunDir.METRICS} records: curves.png not written")
     if notes:
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     files["report_md"].write_text("\n".join(sections))

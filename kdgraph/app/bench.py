@@ -30,11 +30,10 @@ per-repetition ratios (medians of the times are reported too). Figures (targets 
     ``profile_memory`` (oneDNN's internal scratch buffers are not counted). No target; reported.
 
 On the CPU the step figures (b, d) use half of ``--batch`` (64 by default) to keep the run to minutes.
-``python -m kdgraph.bench --help`` lists the options (models included, for quick runs).
+``kdgraph bench --help`` lists the options (models included, for quick runs).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -51,10 +50,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
-from .graph import layers, stage_ends, tap
-from .models import build_model
-from .models.wrn import WideResNet
+from ..distiller import Distiller
+from ..errors import UserError
+from ..graph import layers, stage_ends, tap
+from ..models import build_model
+from ..models.wrn import WideResNet
+from .runtime import pick_device
 
 FIGURES = "abcd"
 TARGETS = {"a": ("<=", 1.05), "b": ("<=", 1.05), "c": (">=", 5.0), "d": None}
@@ -105,14 +106,6 @@ def threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _models(teacher: str, student: str, device: torch.device, seed: int = 0):
@@ -262,14 +255,6 @@ class Reference(nn.Module):
         return F.cross_entropy(logits, y) + 1e-3 * total / x.shape[0]
 
 
-def _distiller_class():
-    try:
-        from .distiller import Distiller
-    except ImportError:
-        from .engine import Distiller
-    return Distiller
-
-
 def _sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
@@ -280,7 +265,7 @@ def _pair(method: str, teacher: str, student: str, device: torch.device, x: torc
     if not (isinstance(t, WideResNet) and isinstance(s, WideResNet)):
         raise UserError(f"figure (b) compares with hand-written Wide ResNet forwards: --teacher and --student "
                         f"must be wrn-D-K models, not {teacher} and {student}")
-    d = _distiller_class()(s, t, LOSSES[method], input_shape=(3, 32, 32), log=lambda *_: None)
+    d = Distiller(s, t, LOSSES[method], input_shape=(3, 32, 32), log=lambda *_: None)
     d.setup(x)
     d.to(device).train()
     connectors = []
@@ -331,7 +316,7 @@ def synthetic_cifar(n: int, augment: bool = True, seed: int = 0):
     from torchvision import datasets
     from torchvision.datasets.vision import VisionDataset
 
-    from .data.vision import CIFAR_MEAN, CIFAR_STD, cifar_transform
+    from ..data.vision import CIFAR_MEAN, CIFAR_STD, cifar_transform
 
     ds = datasets.CIFAR10.__new__(datasets.CIFAR10)
     VisionDataset.__init__(ds, "synthetic", transform=cifar_transform(augment, CIFAR_MEAN, CIFAR_STD))
@@ -345,8 +330,8 @@ def synthetic_cifar(n: int, augment: bool = True, seed: int = 0):
 def figure_c(*, reps: int, batch: int, device: torch.device, batches: int = 8) -> list[dict]:
     from torch.utils.data import DataLoader
 
-    from .data import EpochSampler
-    from .data.tensor import TensorLoader, tensor_source
+    from ..data import EpochSampler
+    from ..data.tensor import TensorLoader, tensor_source
 
     n = batch * batches
     ds = synthetic_cifar(n)
@@ -461,10 +446,10 @@ def _step_memory(kind: str, teacher: str, student: str, x, y, device: torch.devi
     """Peak memory of a steady-state ``kind`` ("student": CE only, "kd") step: the largest of ``reps``."""
     t, s = _models(teacher, student, device)
     if kind == "student":
-        d = _distiller_class()(s, None, [{"method": "ce"}], input_shape=(3, 32, 32), log=lambda *_: None)
+        d = Distiller(s, None, [{"method": "ce"}], input_shape=(3, 32, 32), log=lambda *_: None)
         held = (s,)
     else:
-        d = _distiller_class()(s, t, LOSSES["kd"], input_shape=(3, 32, 32), log=lambda *_: None)
+        d = Distiller(s, t, LOSSES["kd"], input_shape=(3, 32, 32), log=lambda *_: None)
         held = (s, t)
     d.setup(x)
     d.to(device).train()
@@ -562,7 +547,7 @@ def run(*, reps: int = 20, batch: int = 128, device: str = "auto", only: str = F
         raise UserError(f"--only takes letters of {FIGURES!r}, got {only!r}")
     if reps < 1 or batch < 2:
         raise UserError("--reps must be at least 1 and --batch at least 2")
-    dev = pick_device(device)
+    dev = pick_device(device, option="--device", mps=False)
     if step_batch is None:
         step_batch = batch if dev.type == "cuda" else max(2, batch // 2)
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": str(dev),
@@ -604,40 +589,12 @@ def run(*, reps: int = 20, batch: int = 128, device: str = "auto", only: str = F
 
 
 def cli(args) -> int:
-    """``kdgraph bench``: ``args`` has reps, batch, device, only, out (and optionally teacher, student...)."""
+    """``kdgraph bench``: the options of its parser (``kdgraph bench --help``) given in ``args``; those
+    missing take :func:`run`'s defaults."""
+    options = {k: v for k, v in vars(args).items() if k in _RUN_OPTIONS and v is not None}
     with threads(getattr(args, "threads", None)):
-        return _cli(args)
-
-
-def _cli(args) -> int:
-    run(reps=args.reps, batch=args.batch, device=args.device, only=args.only, out=args.out,
-        teacher=getattr(args, "teacher", None) or "wrn-28-4", student=getattr(args, "student", None) or "wrn-16-2",
-        step_batch=getattr(args, "step_batch", None), data_batches=getattr(args, "data_batches", None) or 8)
+        run(**options)
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m kdgraph.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per figure (median is reported)")
-    ap.add_argument("--batch", type=int, default=128, help="batch of (a) and (c); (b) and (d) use half on CPU")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    ap.add_argument("--only", default=FIGURES, help="which figures: any of a, b, c, d (default: all)")
-    ap.add_argument("--out", default="bench.json", help="where the JSON goes (default: bench.json)")
-    ap.add_argument("--teacher", default="wrn-28-4")
-    ap.add_argument("--student", default="wrn-16-2")
-    ap.add_argument("--step-batch", type=int, help="batch of (b) and (d) (default: --batch, half on CPU)")
-    ap.add_argument("--data-batches", type=int, default=8, help="batches per timed pass of (c)")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
-    return ap
-
-
-def main(argv=None) -> int:
-    try:
-        return cli(parser().parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+_RUN_OPTIONS = ("reps", "batch", "device", "only", "out", "teacher", "student", "step_batch", "data_batches")

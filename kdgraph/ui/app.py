@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from kdgraph.app.rundir import RunDir
 from kdgraph.spec import schema
 
 from . import forms
@@ -246,7 +247,7 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                                            x_title="epoch", y_title="top-1 (%)", elem_id="accuracy-plot")
                 run_log = gr.Textbox(label="log (tail)", lines=14, max_lines=14, autoscroll=True,
                                      interactive=False, elem_id="run-log")
-                with gr.Accordion("summary.json", open=False):
+                with gr.Accordion(RunDir.SUMMARY, open=False):
                     run_summary = gr.JSON(elem_id="run-summary")
                 with gr.Accordion("spec", open=False):
                     run_spec = gr.Code(language="yaml", interactive=False, elem_id="run-spec")

@@ -9,9 +9,9 @@
 
 The grid is the product of the entries (first = table rows, second = table columns, further entries are
 folded into the row label). Each cell is an ordinary ``kdgraph run`` in ``RUNS_DIR/<spec name>/<cell>``,
-started as a subprocess whose output goes to the cell's ``sweep.log``. The sweep directory holds
-``sweep.json`` (keys, values, cells and their last exit codes), so :func:`write_grid` can rebuild
-``grid.md``, ``grid.csv`` and ``heatmap.png`` from whatever cells exist, without the spec.
+started as a subprocess (:mod:`~kdgraph.app.launch`) whose output goes to the cell's ``sweep.log``. The
+sweep directory's record (:mod:`~kdgraph.app.grid`) keeps the keys, values, cells and their last exit
+codes, from which :func:`~kdgraph.app.grid.write_grid` renders the grid.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ import math
 import os
 import queue
 import re
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,15 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import yaml
+from .. import spec as specs
+from ..errors import SpecError, UserError, did_you_mean
+from ..spec import Spec, dotted, flow_text, load, resolve_ref, schema
+from .grid import read_sweep, write_grid, write_sweep
+from .launch import engine_command, failure_reason, start
+from .rundir import STOPPED, RunDir, teacher_dir
 
-from .errors import SpecError, UserError, did_you_mean
-from .report import best_top1, markdown_table, read_json, write_csv
-from .spec import Spec, dotted, load, schema
-
-SWEEP_FILE = "sweep.json"
-LOG_FILE = "sweep.log"
-STOPPED = 130  # the engine's exit code when stopped by SIGINT/SIGTERM
+LOG_FILE = "sweep.log"  # in each cell's directory: the launcher's log of its attempts
 _MISSING = object()
 
 
@@ -75,7 +72,7 @@ class Cell:
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{path}={yaml_value(value)}" for path, value in self.values.items()]
+        return [f"{path}={flow_text(value)}" for path, value in self.values.items()]
 
 
 def parse_path(text: str) -> tuple:
@@ -93,14 +90,8 @@ def format_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (int, float, str)):
-        return str(value) if not isinstance(value, float) or math.isfinite(value) else yaml_value(value)
+        return str(value) if not isinstance(value, float) or math.isfinite(value) else flow_text(value)
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def yaml_value(value: Any) -> str:
-    """``value`` as YAML flow text that ``--set`` parses back to the same value."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
-    return text.removesuffix("\n...\n").strip()
 
 
 def safe_name(text: str, limit: int = 120) -> str:
@@ -189,15 +180,9 @@ def grid_cells(axes: Sequence[Axis]) -> list[Cell]:
 
 
 # ----------------------------------------------------------------------------------- key path checks
-def _resolve(sch: dict, root: dict) -> dict:
-    while "$ref" in sch:
-        sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
-    return sch
-
-
 def _method_params(term: Any) -> list[str]:
     """The parameters of a loss term's method (besides the schema's method, weight, positions...)."""
-    from .losses import LOSSES, term_params
+    from ..losses import LOSSES, term_params
 
     try:
         return list(term_params(LOSSES.get(term["method"])))
@@ -214,7 +199,7 @@ def spec_paths(data: dict) -> tuple[list[str], set[str]]:
     free: set[str] = set()
 
     def walk(node: Any, sch: dict, prefix: tuple) -> None:
-        sch = _resolve(sch, root)
+        sch = resolve_ref(sch, root)
         if isinstance(node, list):
             children = [(i, item, sch.get("items", {})) for i, item in enumerate(node)]
         elif isinstance(node, dict) or (node is _MISSING and "properties" in sch):
@@ -272,11 +257,6 @@ def sweep_record(name: str, spec_file: str | Path, overrides: Sequence[str], axe
 
 
 # --------------------------------------------------------------------------------------- running
-def engine_command() -> list[str]:
-    """The command that runs one spec (``python -m kdgraph``); tests replace it with a fake engine."""
-    return [sys.executable, "-m", "kdgraph"]
-
-
 def cell_command(spec_file: str | Path, overrides: Sequence[str], cell: Cell, cell_dir: Path, *,
                  resume: bool = False, runs_dir: str | Path | None = None) -> list[str]:
     """The ``kdgraph run`` command line of one cell (``--resume`` continues an unfinished cell)."""
@@ -289,12 +269,6 @@ def cell_command(spec_file: str | Path, overrides: Sequence[str], cell: Cell, ce
     if resume:
         cmd.append("--resume")
     return cmd
-
-
-def cell_status(cell_dir: Path) -> str | None:
-    """The ``status`` in a cell's ``summary.json``, or None without one."""
-    summary = read_json(Path(cell_dir) / "summary.json")
-    return summary.get("status") if summary else None
 
 
 def _slots(spec_device: str, jobs: int | None, devices: str | Sequence | None) -> list[dict]:
@@ -327,27 +301,6 @@ def _slots(spec_device: str, jobs: int | None, devices: str | Sequence | None) -
     return [{"OMP_NUM_THREADS": threads} if n > 1 else {} for _ in range(n)]
 
 
-_ERROR_LINE = re.compile(r"^(kdgraph: error:|[\w.]*(Error|Exception|Interrupt)\b|\S+:\d+:\d+: )")
-
-
-def failure_reason(log: Path) -> str:
-    """The error message of the last attempt in a cell's ``sweep.log`` (else its last line)."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    starts = [i for i, ln in enumerate(lines) if ln.startswith("=== ")]
-    lines = lines[starts[-1] + 1:] if starts else lines
-    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
-    return (errors or lines or [""])[-1][:300]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 class _Runner:
     """Runs cells on a pool of slots; stops cleanly (forwarding SIGINT to the cells) when interrupted."""
 
@@ -367,26 +320,20 @@ class _Runner:
         try:
             if self.stop.is_set():
                 return None, 0.0
-            if fresh:
-                shutil.rmtree(cell_dir, ignore_errors=True)
+            if fresh and cell_dir.exists():
+                RunDir(cell_dir).remove()
             cell_dir.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, **slot}
-            where = f"CUDA_VISIBLE_DEVICES={slot['CUDA_VISIBLE_DEVICES']} " if slot.get("CUDA_VISIBLE_DEVICES") else ""
-            start = time.time()
-            with open(cell_dir / LOG_FILE, "a") as log:
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{shlex.join(cmd)}\n")
-                log.flush()
-                with self.lock:
-                    if self.stop.is_set():
-                        return None, 0.0
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
-                    self.procs[cell.name] = proc
-                on_start(cell, slot)
-                code = proc.wait()
+            started = time.time()
+            with self.lock:
+                if self.stop.is_set():
+                    return None, 0.0
+                proc = start(cmd, cell_dir / LOG_FILE, {**os.environ, **slot})
+                self.procs[cell.name] = proc
+            on_start(cell, slot)
+            code = proc.wait()
             with self.lock:
                 self.procs.pop(cell.name, None)
-            return code, time.time() - start
+            return code, time.time() - started
         finally:
             self.slots.put(slot)
 
@@ -421,7 +368,7 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
     its ``sweep.log``) and the others go on. Ctrl-C (or SIGTERM) stops the running cells after their
     checkpoint, writes the grid and re-raises ``KeyboardInterrupt``.
     """
-    from .spec.check import check
+    from ..spec.check import check
 
     spec = load(spec_file, overrides)
     if not spec.get("sweep"):
@@ -436,17 +383,17 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
 
     sweep_dir = Path(runs_dir) / spec["name"]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state = sweep_record(spec["name"], spec_file, overrides, axes, cells, read_json(sweep_dir / SWEEP_FILE))
-    _write_json(sweep_dir / SWEEP_FILE, state)
+    record = sweep_record(spec["name"], spec_file, overrides, axes, cells, read_sweep(sweep_dir))
+    write_sweep(sweep_dir, record)
 
-    todo = [c for c in cells if force or cell_status(sweep_dir / c.name) != "finished"]
+    todo = [c for c in cells if force or RunDir(sweep_dir / c.name).status() != "finished"]
     shape = " x ".join(str(len(a.values)) for a in axes)
     where = (f"{len(slots)} GPU(s): {', '.join(s['CUDA_VISIBLE_DEVICES'] for s in slots)}"
              if slots[0].get("CUDA_VISIBLE_DEVICES") else f"CPU, {len(slots)} at a time")
     echo(f"sweep {spec['name']}: {len(cells)} cells ({shape}), {len(cells) - len(todo)} finished, "
          f"{len(todo)} to run on {where}; cells in {sweep_dir}")
 
-    failed = _run_cells(spec, spec_file, overrides, todo, sweep_dir, state, slots, force, runs_dir, echo)
+    failed = _run_cells(spec, spec_file, overrides, todo, sweep_dir, record, slots, force, runs_dir, echo)
     if failed:
         echo(f"{len(failed)} cell(s) failed: {', '.join(failed)} (see each cell's {LOG_FILE})")
     write_grid(sweep_dir, echo=echo)
@@ -459,59 +406,68 @@ def _teacher_pending(spec: Spec, runs_dir: str | Path) -> bool:
     if not teacher.get("from_spec") or (teacher.get("checkpoint") and Path(teacher["checkpoint"]).exists()):
         return False
     try:
-        from .engine import _teacher_spec
-
-        _, teacher_dir = _teacher_spec(spec, Path(runs_dir))
+        rd = teacher_dir(specs.teacher_spec(spec), runs_dir)
     except Exception:  # noqa: BLE001 - the cell itself reports a broken teacher spec
         return True
-    return cell_status(teacher_dir) != "finished"
+    return rd.status() != "finished"
 
 
-def _run_cells(spec: Spec, spec_file, overrides, todo: list[Cell], sweep_dir: Path, state: dict,
-               slots: list[dict], force: bool, runs_dir, echo: Callable) -> list[str]:
-    """Run ``todo`` on ``slots``, recording each exit in ``sweep.json``; return the failed cells' names."""
-    bar = _progress(len(todo), echo)
-    say = bar.write if bar else echo
-    runner = _Runner(slots)
-    failed: list[str] = []
-    done = 0
+class _Report:
+    """What a sweep says as its cells start and end; records each end in the sweep's record."""
 
-    def on_start(cell: Cell, slot: dict) -> None:
-        if not bar:
+    def __init__(self, todo: list[Cell], sweep_dir: Path, record: dict, echo: Callable):
+        self.total, self.sweep_dir, self.record = len(todo), sweep_dir, record
+        self.bar = _progress(len(todo), echo)
+        self.say = self.bar.write if self.bar else echo
+        self.failed: list[str] = []
+        self.done = 0
+
+    def started(self, cell: Cell, slot: dict) -> None:
+        if not self.bar:
             gpu = f" on GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot.get("CUDA_VISIBLE_DEVICES") else ""
-            say(f"start {cell.name}{gpu}")
+            self.say(f"start {cell.name}{gpu}")
 
-    def finish(cell: Cell, code: int | None, seconds: float) -> None:
-        nonlocal done
+    def ended(self, cell: Cell, code: int | None, seconds: float) -> None:
         if code is None:  # never started
             return
-        done += 1
-        state["cells"][cell.name].update(exit=code, ended=time.time(), seconds=round(seconds, 1))
-        _write_json(sweep_dir / SWEEP_FILE, state)
-        log = sweep_dir / cell.name / LOG_FILE
+        self.done += 1
+        self.record["cells"][cell.name].update(exit=code, ended=time.time(), seconds=round(seconds, 1))
+        write_sweep(self.sweep_dir, self.record)
         if code == 0:
-            best = best_top1(sweep_dir / cell.name, read_json(sweep_dir / cell.name / "summary.json") or {})
+            best = RunDir(self.sweep_dir / cell.name).best_top1()
             result = f"finished, best top-1 {best:.2f}" if best is not None else "finished"
         elif code == STOPPED:
             result = "stopped (the next sweep resumes it)"
         else:
-            failed.append(cell.name)
+            log = self.sweep_dir / cell.name / LOG_FILE
+            self.failed.append(cell.name)
             result = f"FAILED (exit {code}): {failure_reason(log)} [log: {log}]"
-        say(f"[{done}/{len(todo)}] {cell.name}: {result} ({seconds:.0f}s)")
-        if bar:
-            bar.update(1)
+        self.say(f"[{self.done}/{self.total}] {cell.name}: {result} ({seconds:.0f}s)")
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _run_cells(spec: Spec, spec_file, overrides, todo: list[Cell], sweep_dir: Path, record: dict,
+               slots: list[dict], force: bool, runs_dir, echo: Callable) -> list[str]:
+    """Run ``todo`` on ``slots``, recording each exit in the sweep's record; return the failed cells' names."""
+    progress = _Report(todo, sweep_dir, record, echo)
+    runner = _Runner(slots)
 
     def submit(pool, cell: Cell):
         cell_dir = sweep_dir / cell.name
-        started = (cell_dir / "summary.json", cell_dir / "checkpoints" / "last.pt")
-        resume = not force and any(p.exists() for p in started)  # the engine refuses to restart without it
+        resume = not force and RunDir(cell_dir).started()  # the engine refuses to restart without it
         cmd = cell_command(spec_file, overrides, cell, cell_dir, resume=resume, runs_dir=runs_dir)
-        return pool.submit(runner.run, cell, cmd, cell_dir, on_start, fresh=force)
+        return pool.submit(runner.run, cell, cmd, cell_dir, progress.started, fresh=force)
 
     # with several slots, a teacher still to be trained (from_spec) is trained once, by the first cell alone
     batches = [todo]
     if len(slots) > 1 and len(todo) > 1 and _teacher_pending(spec, runs_dir):
-        say("the first cell runs alone: it trains the teacher (teacher.from_spec) that the other cells share")
+        progress.say("the first cell runs alone: it trains the teacher (teacher.from_spec) that the other "
+                     "cells share")
         batches = [todo[:1], todo[1:]]
     previous = _sigterm_as_interrupt()
     futures: dict = {}
@@ -524,20 +480,19 @@ def _run_cells(spec: Spec, spec_file, overrides, todo: list[Cell], sweep_dir: Pa
                     futures.update(batch_futures)
                     for future in as_completed(batch_futures):
                         handled.add(future)
-                        finish(futures[future], *future.result())
+                        progress.ended(futures[future], *future.result())
             except KeyboardInterrupt:
-                say("interrupted: stopping the running cells (each writes a checkpoint first)...")
+                progress.say("interrupted: stopping the running cells (each writes a checkpoint first)...")
                 runner.interrupt()
                 for future, cell in futures.items():
                     if future not in handled:
-                        finish(cell, *future.result())
+                        progress.ended(cell, *future.result())
                 write_grid(sweep_dir, echo=echo)
                 raise
     finally:
         _restore_sigterm(previous)
-        if bar:
-            bar.close()
-    return failed
+        progress.close()
+    return progress.failed
 
 
 def _sigterm_as_interrupt():
@@ -554,119 +509,3 @@ def _sigterm_as_interrupt():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-
-
-# ---------------------------------------------------------------------------------------- the table
-def cell_result(cell_dir: Path, record: dict) -> tuple[str, float | None]:
-    """``(state, best top-1)`` of a cell; state is finished, unfinished, failed or not run.
-
-    A failed last attempt (recorded in ``sweep.json``) counts unless the summary was written after it
-    (the cell was fixed by hand, e.g. ``kdgraph run --resume``).
-    """
-    summary_file = Path(cell_dir) / "summary.json"
-    summary = read_json(summary_file)
-    code = record.get("exit")
-    failed_at = (record.get("ended") or 0.0) if code not in (None, 0, STOPPED) else None
-    if summary and (failed_at is None or summary_file.stat().st_mtime > failed_at):
-        status = summary.get("status")
-        if status == "failed":
-            return "failed", None
-        best = best_top1(cell_dir, summary)
-        if status == "finished":
-            return "finished", best
-        return ("unfinished", best) if best is not None else ("not run", None)
-    return ("failed", None) if failed_at is not None else ("not run", None)
-
-
-def _cell_text(state: str, best: float | None) -> str:
-    if state == "failed":
-        return "failed"
-    if best is None:
-        return ""
-    return f"{best:.2f}" + ("*" if state == "unfinished" else "")
-
-
-def grid_table(sweep_dir: str | Path) -> dict:
-    """The grid of a sweep dir as ``{"header", "rows" (texts), "values" (floats or None), "states", ...}``."""
-    sweep_dir = Path(sweep_dir)
-    info = read_json(sweep_dir / SWEEP_FILE)
-    if not info:
-        raise UserError(f"{sweep_dir}: no {SWEEP_FILE} here (not a sweep directory)")
-    labels, vlabels = info["labels"], info["value_labels"]
-    by_index = {tuple(c["index"]): (name, c) for name, c in info["cells"].items()}
-    n_cols = len(vlabels[1]) if len(labels) > 1 else 1
-    extra = list(range(2, len(labels)))
-    row_keys = list(itertools.product(range(len(vlabels[0])), *(range(len(vlabels[k])) for k in extra)))
-
-    header = [", ".join([labels[0]] + [labels[k] for k in extra]) + (f" \\ {labels[1]}" if len(labels) > 1 else "")]
-    header += list(vlabels[1]) if len(labels) > 1 else ["best top-1"]
-    rows, values, states = [], [], []
-    for rk in row_keys:
-        label = ", ".join([vlabels[0][rk[0]]] + [f"{labels[k]}={vlabels[k][i]}" for k, i in zip(extra, rk[1:])])
-        texts, nums, sts = [label], [], []
-        for col in range(n_cols):
-            index = (rk[0], col, *rk[1:]) if len(labels) > 1 else (rk[0],)
-            name, record = by_index[index]
-            state, best = cell_result(sweep_dir / name, record)
-            texts.append(_cell_text(state, best))
-            nums.append(best if state != "failed" else None)
-            sts.append(state)
-        rows.append(texts)
-        values.append(nums)
-        states.append(sts)
-    return {"name": info["name"], "header": header, "rows": rows, "values": values, "states": states,
-            "row_title": header[0].split(" \\ ")[0], "col_title": labels[1] if len(labels) > 1 else ""}
-
-
-def write_grid(sweep_dir: str | Path, echo: Callable[[str], Any] | None = print) -> str:
-    """Rebuild ``grid.md``, ``grid.csv`` and ``heatmap.png`` from the cells there; return the Markdown table."""
-    sweep_dir = Path(sweep_dir)
-    grid = grid_table(sweep_dir)
-    table = markdown_table(grid["header"], grid["rows"])
-    notes = []
-    if any("unfinished" in s for s in grid["states"]):
-        notes.append("\\* unfinished: best top-1 so far.")
-    text = f"Best test top-1 (%) of sweep {grid['name']}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
-    (sweep_dir / "grid.md").write_text(text)
-    write_csv(sweep_dir / "grid.csv", grid["header"], grid["rows"])
-    _heatmap(grid, sweep_dir / "heatmap.png")
-    if echo:
-        echo(table + ("\n" + "\n".join(notes) if notes else ""))
-    return table
-
-
-def _heatmap(grid: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    vals = np.array([[np.nan if v is None else v for v in row] for row in grid["values"]], dtype=float)
-    n_rows, n_cols = vals.shape
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * n_cols, 1.2 + 0.6 * n_rows))
-    finite = vals[np.isfinite(vals)]
-    image = ax.imshow(np.ma.masked_invalid(vals), cmap="viridis", aspect="auto",
-                      vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
-    if finite.size:
-        fig.colorbar(image, ax=ax, label="best test top-1 (%)")
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-    for r in range(n_rows):
-        for c in range(n_cols):
-            state, text = grid["states"][r][c], grid["rows"][r][c + 1]
-            if state == "failed":
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor="lightgray", edgecolor="firebrick",
-                                       hatch="xx", linewidth=1))
-                ax.text(c, r, "failed", ha="center", va="center", color="firebrick", fontweight="bold",
-                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 2})
-            elif text:
-                ax.text(c, r, text, ha="center", va="center", color="white" if vals[r, c] < mid else "black")
-    ax.set_xticks(range(n_cols), grid["header"][1:])
-    ax.set_yticks(range(n_rows), [row[0] for row in grid["rows"]])
-    ax.set_xlabel(grid["col_title"])
-    ax.set_ylabel(grid["row_title"])
-    ax.set_title(f"{grid['name']}: best test top-1 (%)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,1 +1,0 @@
-"""The Gradio app (``kdgraph ui``); installed as ``kdgraph.ui``."""
