@@ -274,6 +274,193 @@ def test_nst_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------------
+# methods-B: logit standardization, dist, vid, cc, srrl -- float64 values and gradients against numpy
+# references (scipy's normal log-density, numpy's Pearson correlation, plain loops) and central differences.
+
+def np_num_grad(f, x, h=1e-6):
+    """Central differences of the numpy function f at x (float64)."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += h
+        down[idx] -= h
+        grad[idx] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def rel_diff(a, b) -> float:
+    """max |a - b| / max |b|: the relative difference of a to the reference b."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def fidelity(torch_fn, np_fn, inputs, wrt=(0,), dtype=torch.float64):
+    """(loss, gradient) relative differences of torch_fn against np_fn at ``inputs`` (numpy arrays).
+
+    Gradients of torch_fn (autograd, in ``dtype``) are compared with central differences of np_fn in float64
+    for each argument index in ``wrt``; the worst is returned.
+    """
+    tensors = [torch.tensor(x, dtype=dtype, requires_grad=i in wrt) for i, x in enumerate(inputs)]
+    value = torch_fn(*tensors)
+    grads = torch.autograd.grad(value, [tensors[i] for i in wrt])
+    loss_rel = rel_diff(value.item(), np_fn(*inputs))
+    grad_rel = 0.0
+    for i, g in zip(wrt, grads):
+        def at(x, i=i):
+            return np_fn(*[x if j == i else y for j, y in enumerate(inputs)])
+        grad_rel = max(grad_rel, rel_diff(g.double().numpy(), np_num_grad(at, inputs[i])))
+    return loss_rel, grad_rel
+
+
+def np_softmax_rows(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_standardize(z, eps=1e-7):
+    """Z-score per row with the n - 1 standard deviation, eps added to it (Sun et al.'s code)."""
+    z = np.asarray(z, dtype=np.float64)
+    return (z - z.mean(axis=1, keepdims=True)) / (z.std(axis=1, ddof=1, keepdims=True) + eps)
+
+
+def np_kd_rows(s, t, temperature):
+    p_s, p_t = np_softmax_rows(s / temperature), np_softmax_rows(t / temperature)
+    return temperature**2 * np.mean([np_kl(a, b) for a, b in zip(p_t, p_s)])
+
+
+def np_dkd_rows(s, t, target, alpha, beta, temperature):
+    p_s, p_t = np_softmax_rows(s / temperature), np_softmax_rows(t / temperature)
+    total = 0.0
+    for i, y in enumerate(target):
+        keep = np.arange(s.shape[1]) != y
+        tckd = np_kl([p_t[i, y], 1 - p_t[i, y]], [p_s[i, y], 1 - p_s[i, y]])
+        nckd = np_kl(np_softmax(t[i, keep] / temperature), np_softmax(s[i, keep] / temperature))
+        total += alpha * tckd + beta * nckd
+    return temperature**2 * total / len(target)
+
+
+def np_dist(s, t, beta, gamma, temperature, eps=1e-8):
+    """1 - Pearson (numpy's corrcoef), rescaled for the eps the authors add to the norm product."""
+    p_s, p_t = np_softmax_rows(s / temperature), np_softmax_rows(t / temperature)
+
+    def rho(a, b):
+        ca, cb = a - a.mean(), b - b.mean()
+        norms = np.linalg.norm(ca) * np.linalg.norm(cb)
+        return np.corrcoef(a, b)[0, 1] * norms / (norms + eps)
+
+    inter = 1 - np.mean([rho(a, b) for a, b in zip(p_s, p_t)])
+    intra = 1 - np.mean([rho(a, b) for a, b in zip(p_s.T, p_t.T)])
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def np_vid(mean, target, variance):
+    """Mean Gaussian negative log-likelihood (scipy) without its 0.5 log(2 pi) constant."""
+    scale = np.sqrt(np.asarray(variance, dtype=np.float64)).reshape(1, -1, 1, 1)
+    return float(np.mean(-norm.logpdf(target, loc=mean, scale=scale)) - 0.5 * math.log(2 * math.pi))
+
+
+def np_cc_code(s, t):
+    b, d = s.shape
+    return sum(abs(s[i, k] - t[i, k]) * abs(s[i + 1, k] - t[i + 1, k]) for i in range(b - 1) for k in range(d)) / (b - 1)
+
+
+def np_rbf_taylor(x, gamma, order):
+    unit = [row / np.linalg.norm(row) for row in np.asarray(x, dtype=np.float64)]
+    return np.array([[math.exp(-2 * gamma) * sum((2 * gamma) ** p / math.factorial(p) * float(u @ v) ** p
+                                                  for p in range(order + 1)) for v in unit] for u in unit])
+
+
+def np_cc_paper(s, t, gamma=0.4, order=2):
+    return float(np.sum((np_rbf_taylor(s, gamma, order) - np_rbf_taylor(t, gamma, order)) ** 2)) / len(s) ** 2
+
+
+def np_srrl(s, t, regressed, teacher_logits):
+    s_pooled, t_pooled = s.reshape(*s.shape[:2], -1).mean(axis=2), t.reshape(*t.shape[:2], -1).mean(axis=2)
+    return float(np.mean((s_pooled - t_pooled) ** 2) + np.mean((regressed - teacher_logits) ** 2))
+
+
+_RNG = np.random.default_rng(14)
+_S, _T = _RNG.normal(size=(5, 7)) * 3, _RNG.normal(size=(5, 7)) * 3
+_Y = np.array([0, 3, 6, 3, 1])
+_MU, _FT, _VAR = _RNG.normal(size=(2, 3, 2, 2)), _RNG.normal(size=(2, 3, 2, 2)), _RNG.uniform(0.5, 5, size=3)
+_ES, _ET = _RNG.normal(size=(4, 6)), _RNG.normal(size=(4, 6))
+_FS, _FTM = _RNG.normal(size=(3, 4, 2, 2)), _RNG.normal(size=(3, 4, 2, 2))
+_ZR, _ZT = _RNG.normal(size=(3, 5)), _RNG.normal(size=(3, 5))
+
+# (name, kdgraph function, numpy reference, inputs, indices of the inputs to differentiate)
+FIDELITY = [
+    ("kd-standardize", lambda s, t: KF.kd(s, t, 2.0, standardize=True),
+     lambda s, t: np_kd_rows(np_standardize(s), np_standardize(t), 2.0), (_S, _T), (0,)),
+    ("dkd-standardize", lambda s, t: KF.dkd(s, t, torch.tensor(_Y), 1.0, 8.0, 2.0, standardize=True),
+     lambda s, t: np_dkd_rows(np_standardize(s), np_standardize(t), _Y, 1.0, 8.0, 2.0), (_S, _T), (0,)),
+    ("dist", lambda s, t: KF.dist(s, t, 1.0, 1.0, 4.0), lambda s, t: np_dist(s, t, 1.0, 1.0, 4.0), (_S, _T), (0,)),
+    ("dist-beta-gamma", lambda s, t: KF.dist(s, t, 0.5, 2.0, 1.0), lambda s, t: np_dist(s, t, 0.5, 2.0, 1.0),
+     (_S, _T), (0,)),
+    ("vid", KF.vid, np_vid, (_MU, _FT, _VAR), (0, 2)),
+    ("cc-code", KF.cc, np_cc_code, (_ES, _ET), (0,)),
+    ("cc-paper", lambda s, t: KF.cc(s, t, form="paper"), np_cc_paper, (_ES, _ET[:, :4]), (0,)),
+    ("srrl", KF.srrl, np_srrl, (_FS, _FTM, _ZR, _ZT), (0, 2)),
+]
+
+
+@pytest.mark.parametrize("fn, ref, inputs, wrt", [pytest.param(*f[1:], id=f[0]) for f in FIDELITY])
+def test_fidelity_loss_and_gradient_in_float64(fn, ref, inputs, wrt):
+    loss_rel, grad_rel = fidelity(fn, ref, inputs, wrt)
+    assert loss_rel < 1e-12 and grad_rel < 1e-7, (loss_rel, grad_rel)
+
+
+@pytest.mark.parametrize("fn, ref, inputs, wrt", [pytest.param(*f[1:], id=f[0]) for f in FIDELITY])
+def test_fidelity_loss_and_gradient_in_float32(fn, ref, inputs, wrt):
+    loss_rel, grad_rel = fidelity(fn, ref, inputs, wrt, dtype=torch.float32)
+    assert loss_rel < 2e-6 and grad_rel < 2e-5, (loss_rel, grad_rel)
+
+
+def test_logit_standardize_is_a_z_score():
+    z = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 13.0]], dtype=torch.float64)
+    # row 1: mean 2, n-1 std 1; row 2: mean 11, n-1 std sqrt(3)
+    expected = [[-1.0, 0.0, 1.0], [-1 / math.sqrt(3), -1 / math.sqrt(3), 2 / math.sqrt(3)]]
+    assert np.allclose(KF.logit_standardize(z, eps=0.0).numpy(), expected, rtol=1e-12)
+    # invariant to the logits' shift and (positive) scale: only their relations remain
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    assert KF.kd(3 * s + 7, t, 2.0, standardize=True).item() == approx(KF.kd(s, t, 2.0, standardize=True).item())
+    assert KF.kd(s, 0.1 * t - 2, 2.0, standardize=True).item() == approx(KF.kd(s, t, 2.0, standardize=True).item())
+
+
+def test_dist_perfect_correlation_is_zero_and_anticorrelation_is_two():
+    # Pearson is invariant to affine maps of the probabilities; identical inputs give 0 for both terms
+    z = tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    assert KF.dist(z, z, temperature=1.0).item() == approx(0.0, abs=1e-6)
+    # two classes: p and 1 - p are perfectly anti-correlated across classes (inter = 1 - (-1) = 2)
+    s, t = tensor([[1.0, 0.0], [0.0, 2.0]]), tensor([[0.0, 1.0], [3.0, 0.0]])
+    assert KF.dist(s, t, beta=1.0, gamma=0.0, temperature=1.0).item() == approx(2.0)
+
+
+def test_vid_at_the_mean_is_half_log_variance():
+    t = torch.randn(2, 3, 4, 4)
+    var = tensor([0.5, 1.0, 4.0])
+    assert KF.vid(t, t, var).item() == approx(0.5 * float(np.mean(np.log([0.5, 1.0, 4.0]))))
+
+
+def test_cc_paper_taylor_series_converges_to_the_gaussian_rbf():
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rbf = np.exp(-0.4 * ((unit[:, None] - unit[None]) ** 2).sum(-1))
+    assert np.allclose(np_rbf_taylor(x, 0.4, 20), rbf, rtol=1e-12, atol=1e-14)
+    # the kdgraph matrix with a long series, through the loss against an exactly orthogonal teacher
+    from kdgraph.losses.functional import _rbf_correlation
+    assert np.allclose(_rbf_correlation(torch.tensor(x), 0.4, 20).numpy(), rbf, rtol=1e-12, atol=1e-14)
+
+
+def test_cc_code_form_by_hand():
+    # D = |s - t| = [[1, 2], [3, 0], [1, 1]]: pairs (0,1) -> 1*3 + 2*0 = 3, (1,2) -> 3*1 + 0*1 = 3; mean 3
+    s = tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    t = tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    assert KF.cc(s, t).item() == approx(3.0)
+
+
+# --------------------------------------------------------------------------------------------------------
 # properties shared by every loss
 
 MARGIN = tensor([-0.5, -1.0, -0.2])
@@ -292,7 +479,22 @@ LOSSES = [
     ("rkd_distance", KF.rkd_distance, (5, 8), (5, 16)),
     ("rkd_angle", KF.rkd_angle, (5, 8), (5, 16)),
     ("nst", KF.nst, (4, 3, 4, 4), (4, 6, 4, 4)),
+    # methods-B
+    ("kd-standardize", lambda s, t: KF.kd(s, t, 2.0, standardize=True), (4, 5), (4, 5)),
+    ("dkd-standardize", lambda s, t: KF.dkd(s, t, TARGET, 1.0, 8.0, 2.0, standardize=True), (4, 5), (4, 5)),
+    ("dist", lambda s, t: KF.dist(s, t, temperature=1.0), (4, 5), (4, 5)),
+    ("vid", lambda s, t: KF.vid(s, t, torch.ones(3)), (4, 3, 4, 4), (4, 3, 4, 4)),
+    ("cc", KF.cc, (4, 8), (4, 8)),
+    ("cc-paper", lambda s, t: KF.cc(s, t, form="paper"), (4, 8), (4, 16)),
+    ("srrl", lambda s, t: KF.srrl(s, t, _pool_head(s), _pool_head(t)), (4, 3, 4, 4), (4, 3, 4, 4)),
 ]
+
+
+def _pool_head(feat):
+    """A fixed linear classifier on globally pooled features, standing in for a teacher's head."""
+    weight = torch.linspace(-1, 1, 15, dtype=feat.dtype, device=feat.device).view(5, 3)
+    with torch.autocast(feat.device.type, enabled=False):  # the head is not under test: keep it exact
+        return feat.mean(dim=(2, 3)) @ weight.t()
 LOSS_PARAMS = [pytest.param(loss, s_shape, t_shape, id=name) for name, loss, s_shape, t_shape in LOSSES]
 
 
@@ -370,6 +572,17 @@ SHAPE_ERRORS = [
     ("rkd", lambda: KF.rkd(R(2, 3), R(4, 3)), "batch sizes"),
     ("rkd-one", lambda: KF.rkd_distance(R(1, 3), R(1, 3)), "at least 2"),
     ("nst", lambda: KF.nst(R(2, 3, 4, 4), R(2, 3, 4, 2)), "spatial"),
+    # methods-B
+    ("kd-standardize-one-class", lambda: KF.kd(R(2, 1), R(2, 1), 2.0, standardize=True), "2 classes"),
+    ("dist", lambda: KF.dist(R(2, 3), R(2, 4)), "shapes must match"),
+    ("dist-temperature", lambda: KF.dist(R(2, 3), R(2, 3), temperature=-1.0), "temperature"),
+    ("vid", lambda: KF.vid(R(2, 3, 4, 4), R(2, 3, 2, 2), torch.ones(3)), "shapes must match"),
+    ("vid-variance", lambda: KF.vid(R(2, 3, 4, 4), R(2, 3, 4, 4), torch.ones(4)), "variance"),
+    ("cc", lambda: KF.cc(R(3, 4), R(3, 5)), "shapes must match"),
+    ("cc-one", lambda: KF.cc(R(1, 4), R(1, 4)), "at least 2"),
+    ("cc-form", lambda: KF.cc(R(3, 4), R(3, 4), form="taylor"), "form"),
+    ("srrl", lambda: KF.srrl(R(2, 3, 4, 4), R(2, 5, 4, 4), R(2, 6), R(2, 6)), "shapes must match"),
+    ("srrl-logits", lambda: KF.srrl(R(2, 3, 4, 4), R(2, 3, 4, 4), R(2, 6), R(2, 7)), "shapes must match"),
 ]
 
 

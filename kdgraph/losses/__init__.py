@@ -14,12 +14,15 @@ from ..registry import Registry
 from . import functional
 from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
 from .terms import CRD, ReviewKD, gather
+from .terms import CC, DIST, SRRL, VID  # methods-B
 
 LOSSES = Registry("loss method")
 for _name, _cls in [("ce", CE), ("kd", KD), ("dkd", DKD), ("at", AT), ("sp", SP), ("fitnet", FitNet),
                     ("nst", NST), ("pkt", PKT), ("rkd", RKD), ("margin_relu", MarginReLU)]:
     LOSSES.register(_name)(_cls)
 for _name, _cls in [("crd", CRD), ("reviewkd", ReviewKD)]:  # stateful methods: memory bank, fusion pyramid
+    LOSSES.register(_name)(_cls)
+for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
 __all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "gather", "term_params"]
@@ -64,6 +67,8 @@ def _auto(rows: list[dict], term, student: bool = False) -> list[str]:
     """``positions: auto`` of ``term`` in one model; the student's kind of value may differ (``student_features``)."""
     if term.auto == "embedding":
         return _embedding(rows)
+    if term.auto == "final":
+        return _final_map(rows)
     features = getattr(term, "student_features", None) or term.features if student else term.features
     ends = stage_ends(rows, pre=features == "pre")
     if term.auto == "last":
@@ -83,6 +88,21 @@ def _embedding(rows: list[dict]) -> list[str]:
         return []
     prev = [r for r in rows[: linear[-1]] if r["kind"] != "block"]
     return [prev[-1]["name"]] if prev else []
+
+
+# ops between the last feature map and the classifier's input (global pooling, flattening, dropout)
+_HEAD_OPS = {"AdaptiveAvgPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "MaxPool2d", "adaptive_avg_pool2d",
+             "avg_pool2d", "adaptive_max_pool2d", "max_pool2d", "mean", "amax", "flatten", "Flatten", "view",
+             "reshape", "squeeze", "Dropout", "dropout", "Identity"}
+
+
+def _final_map(rows: list[dict]) -> list[str]:
+    """The feature map the classifier's global pooling reads: [name], or [] when there is none."""
+    linear = [i for i, r in enumerate(rows) if r["op"] == "Linear" and r["kind"] == "module"]
+    for r in reversed(rows[: linear[-1]] if linear else []):
+        if r["kind"] != "pre" and r["op"] not in _HEAD_OPS:
+            return [r["name"]] if r["shape"] is not None and len(r["shape"]) == 3 else []
+    return []
 
 
 def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_rows: list[dict] | None,

@@ -25,6 +25,8 @@ from torch import Tensor
 __all__ = [
     "kd", "at", "sp", "margin_from_bn", "overhaul", "fitnet", "dkd", "pkt",
     "rkd", "rkd_distance", "rkd_angle", "nst",
+    # methods-B
+    "logit_standardize", "dist", "vid", "cc", "srrl",
 ]
 
 # Below this probability of the pre-activation being negative, the truncated mean is replaced by -3|gamma|
@@ -98,14 +100,18 @@ def _require_positive_temperature(name: str, temperature: float) -> None:
 # logit losses
 
 @_in_float32
-def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean -- Hinton et al. 2015, "Distilling the Knowledge".
 
     Takes (batch, classes) logits of equal shape; the KL is summed over classes and averaged over the
-    batch (``reduction='batchmean'``), then scaled by T^2 so gradients keep their size across T.
+    batch (``reduction='batchmean'``), then scaled by T^2 so gradients keep their size across T. With
+    ``standardize`` both logits first go through :func:`logit_standardize` (Sun et al. 2024; T is then
+    their "base temperature", 2 in the authors' recipe).
     """
     _require_logits("kd", student_logits, teacher_logits)
     _require_positive_temperature("kd", temperature)
+    if standardize:
+        student_logits, teacher_logits = _standardize_pair("kd", student_logits, teacher_logits)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
@@ -133,6 +139,7 @@ def dkd(
     alpha: float,
     beta: float,
     temperature: float,
+    standardize: bool = False,
 ) -> Tensor:
     """T^2 * (alpha * TCKD + beta * NCKD), batch mean -- Zhao et al. 2022, "Decoupled Knowledge Distillation".
 
@@ -143,7 +150,8 @@ def dkd(
 
     The official code drops the target class from the NCKD softmax by subtracting ``1000 * gt_mask``
     from the logits; here the target logit is removed outright, which is the exact limit of that form
-    and cannot overflow in half precision.
+    and cannot overflow in half precision. With ``standardize`` both logits first go through
+    :func:`logit_standardize` (Sun et al. 2024).
     """
     _require_logits("dkd", student_logits, teacher_logits)
     _require_positive_temperature("dkd", temperature)
@@ -156,6 +164,8 @@ def dkd(
             f"{tuple(target.shape)} {target.dtype}"
         )
     target_mask = F.one_hot(target.long(), num_classes).bool()
+    if standardize:
+        student_logits, teacher_logits = _standardize_pair("dkd", student_logits, teacher_logits)
 
     z_s = student_logits / temperature
     z_t = teacher_logits / temperature
@@ -509,3 +519,143 @@ def hcl(student_feats, teacher_feats) -> Tensor:
         level = level / weights
         total = level if total is None else total + level
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# methods-B: logit standardization, DIST, VID, CC, SRRL
+
+def logit_standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """(z - mean(z)) / (std(z) + eps) per row -- Sun et al. 2024, "Logit Standardization in KD".
+
+    Takes (batch, classes) logits, classes >= 2. ``std`` is the unbiased (n - 1) standard deviation and
+    ``eps`` is added to it, as in the authors' code (the paper writes the Z-score with sigma alone).
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logit_standardize: expected (batch, classes >= 2) logits, got {tuple(logits.shape)}")
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    return centred / (logits.std(dim=1, keepdim=True) + eps)
+
+
+def _standardize_pair(name: str, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    if student_logits.shape[1] < 2:
+        raise ValueError(f"{name}: standardize needs at least 2 classes, got {tuple(student_logits.shape)}")
+    return logit_standardize(student_logits), logit_standardize(teacher_logits)
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``: cos of the centred rows, (n,)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@_in_float32
+def dist(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    eps: float = 1e-8,
+) -> Tensor:
+    """T^2 (beta (1 - mean_i rho(p_s[i], p_t[i])) + gamma (1 - mean_c rho(p_s[:, c], p_t[:, c]))) -- Huang et al. 2022.
+
+    "Knowledge Distillation from A Stronger Teacher" (DIST).
+
+    Takes (batch, classes) logits of equal shape; p = softmax(z / T) and rho is the Pearson correlation.
+    The inter-class term correlates each sample's class distribution, the intra-class term each class's
+    probabilities across the batch. As the authors' code, ``eps`` is added to the product of the norms
+    and both terms are scaled by T^2 (the paper's equations omit the T^2; its CIFAR-100 runs use T = 4,
+    ImageNet T = 1).
+    """
+    _require_logits("dist", student_logits, teacher_logits)
+    _require_positive_temperature("dist", temperature)
+    p_s = F.softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    inter = 1 - _pearson_rows(p_s, p_t, eps).mean()
+    intra = 1 - _pearson_rows(p_s.t(), p_t.t(), eps).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+@_in_float32
+def vid(student_mean: Tensor, teacher_feat: Tensor, variance: Tensor) -> Tensor:
+    """mean(0.5 * ((mu - t)^2 / var + log var)) -- Ahn et al. 2019, "Variational Information Distillation".
+
+    The Gaussian negative log-likelihood (without the constant) of the teacher feature ``t`` under
+    N(mu, var), where ``student_mean`` is mu = r(s), the student through its regressor, both of shape
+    (batch, C, *spatial), and ``variance`` (C,) holds one positive variance per channel. Averaged over
+    every element, as the authors' code (via RepDistiller); the paper sums over channels and positions.
+    """
+    _require_same_shape("vid", student_mean, teacher_feat)
+    if student_mean.dim() < 2 or variance.shape != student_mean.shape[1:2]:
+        raise ValueError(f"vid: variance must have shape (channels,) for features {tuple(teacher_feat.shape)}; "
+                         f"got {tuple(variance.shape)}")
+    var = variance.to(student_mean.dtype).view((1, -1) + (1,) * (student_mean.dim() - 2))
+    return (0.5 * ((student_mean - teacher_feat).pow(2) / var + var.log())).mean()
+
+
+def _rbf_correlation(embed: Tensor, gamma: float, order: int) -> Tensor:
+    """exp(-2 gamma) * sum_{p <= order} (2 gamma)^p / p! * (e_i . e_j)^p of the L2-normalised rows, (b, b)."""
+    unit = F.normalize(embed.flatten(1), dim=1)
+    dots = unit @ unit.t()
+    series = sum((2 * gamma) ** p / math.factorial(p) * dots.pow(p) for p in range(order + 1))
+    return math.exp(-2 * gamma) * series
+
+
+@_in_float32
+def cc(student_embed: Tensor, teacher_embed: Tensor, form: str = "code", gamma: float = 0.4,
+       order: int = 2) -> Tensor:
+    """mean_i sum_d |s_i - t_i|_d |s_i+1 - t_i+1|_d -- Peng et al. 2019, "Correlation Congruence for KD".
+
+    ``form="code"`` (default) is the form RepDistiller runs, restructured from code the authors shared:
+    with D = |s - t| (batch, d) for embeddings of equal shape, the mean over consecutive sample pairs
+    of sum_d D[i, d] D[i + 1, d] (needs batch >= 2). This is what RepDistiller's CIFAR-100 CC numbers and
+    its weight 0.02 were measured with. ``form="paper"`` is the paper's correlation congruence
+    ||C_s - C_t||_F^2 / b^2, C the b x b Gaussian-RBF correlation exp(-gamma ||x_i - x_j||^2) expanded as a
+    Taylor series of ``order`` in x_i . x_j (exact for unit vectors, so the rows are L2-normalised;
+    gamma 0.4, order 2 as the paper); the embeddings may differ in width there.
+    """
+    _require_relational("cc", student_embed, teacher_embed)
+    if form == "code":
+        _require_same_shape("cc", student_embed, teacher_embed)
+        delta = (student_embed - teacher_embed).abs().flatten(1)
+        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    if form == "paper":
+        b = student_embed.shape[0]
+        diff = _rbf_correlation(student_embed, gamma, order) - _rbf_correlation(teacher_embed, gamma, order)
+        return diff.pow(2).sum() / b**2
+    raise ValueError(f"cc: form must be 'code' or 'paper', got {form!r}")
+
+
+def _spatial_mean(feat: Tensor) -> Tensor:
+    """(b, C, *spatial) -> (b, C) global average; (b, C) is returned as it is."""
+    return feat.flatten(2).mean(dim=2) if feat.dim() > 2 else feat
+
+
+@_in_float32
+def srrl(
+    student_feat: Tensor,
+    teacher_feat: Tensor,
+    regressed_logits: Tensor,
+    teacher_logits: Tensor,
+    feature_weight: float = 1.0,
+    regression_weight: float = 1.0,
+) -> Tensor:
+    """fw * mean((pool(s) - pool(t))^2) + rw * mean((head_t(s) - z_t)^2) -- Yang et al. 2021, SRRL.
+
+    "Knowledge Distillation via Softmax Regression Representation Learning".
+    ``student_feat`` is the student's last feature map through its connector (1x1 conv + BN + ReLU) and
+    ``teacher_feat`` the teacher's, both (batch, C, *spatial) with equal batch and channels (or already
+    pooled, (batch, C)); pool is the global spatial mean. ``regressed_logits`` are the teacher's
+    classifier applied to ``student_feat`` and ``teacher_logits`` the teacher's own, both (batch, classes).
+    Both parts are mean squared errors (features, then logits before any softmax), weights 1 and 1, as
+    the authors' code (``statm_loss`` + ``mse_loss``).
+    """
+    s_pooled, t_pooled = _spatial_mean(student_feat), _spatial_mean(teacher_feat)
+    _require_same_shape("srrl (pooled features)", s_pooled, t_pooled)
+    _require_logits("srrl", regressed_logits, teacher_logits)
+    if regressed_logits.shape[0] != s_pooled.shape[0]:
+        raise ValueError(f"srrl: logits and features have different batch sizes "
+                         f"({tuple(regressed_logits.shape)}, {tuple(student_feat.shape)})")
+    feature_part = (s_pooled - t_pooled).pow(2).mean()
+    return feature_weight * feature_part + regression_weight * F.mse_loss(regressed_logits, teacher_logits)

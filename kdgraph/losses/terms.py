@@ -271,28 +271,49 @@ class CE(Term):
 
 
 class KD(Term):
-    """Hinton et al. 2015: T^2 KL(softmax(t/T) || softmax(s/T)); pair with a ``ce`` term (0.1 + 0.9)."""
+    """Hinton et al. 2015: T^2 KL(softmax(t/T) || softmax(s/T)); pair with a ``ce`` term (0.1 + 0.9).
+
+    ``standardize: true`` Z-scores both logits first (Sun et al. 2024, logit standardization); unset
+    ``temperature`` and ``weight`` then follow the authors' recipe: T = 2 (their base temperature) and
+    weight 9 (with ``ce`` 0.1), instead of T = 4 and 0.9.
+    """
 
     default_weight = 0.9
 
-    def __init__(self, weight=None, warmup_epochs=0.0, temperature: float = 4.0):
-        super().__init__(weight, warmup_epochs)
-        self.temperature = temperature
+    def __init__(self, weight=None, warmup_epochs=0.0, temperature: float | None = None, standardize: bool = False):
+        standardize = _flag("standardize", standardize)
+        super().__init__(9.0 if weight is None and standardize else weight, warmup_epochs)
+        self.standardize = standardize
+        self.temperature = (2.0 if self.standardize else 4.0) if temperature is None else temperature
 
     def forward(self, out: Outputs) -> Tensor:
-        return KF.kd(out.logits, out.teacher_logits, self.temperature)
+        return KF.kd(out.logits, out.teacher_logits, self.temperature, standardize=self.standardize)
 
 
 class DKD(Term):
-    """Zhao et al. 2022: alpha TCKD + beta NCKD, T^2-scaled, with a 20-epoch linear warm-up."""
+    """Zhao et al. 2022: alpha TCKD + beta NCKD, T^2-scaled, with a 20-epoch linear warm-up.
+
+    ``standardize: true`` Z-scores both logits first (Sun et al. 2024); unset ``temperature`` and
+    ``weight`` then follow the authors' recipe: T = 2 and weight 9 (their alpha and beta times 9).
+    """
 
     def __init__(self, weight=None, warmup_epochs=20.0, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float = 4.0):
-        super().__init__(weight, warmup_epochs)
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+                 temperature: float | None = None, standardize: bool = False):
+        standardize = _flag("standardize", standardize)
+        super().__init__(9.0 if weight is None and standardize else weight, warmup_epochs)
+        self.standardize = standardize
+        self.alpha, self.beta = alpha, beta
+        self.temperature = (2.0 if self.standardize else 4.0) if temperature is None else temperature
 
     def forward(self, out: Outputs) -> Tensor:
-        return KF.dkd(out.logits, out.teacher_logits, out.target, self.alpha, self.beta, self.temperature)
+        return KF.dkd(out.logits, out.teacher_logits, out.target, self.alpha, self.beta, self.temperature,
+                      standardize=self.standardize)
+
+
+def _flag(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -645,3 +666,165 @@ def _as_map_shape(shape: tuple) -> tuple:
 def _as_map(x: Tensor) -> Tensor:
     """(batch, C, H, W) as it is; anything else (an embedding) as a (batch, C, 1, 1) map."""
     return x if x.dim() == 4 else x.reshape(x.shape[0], -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------ methods-B: dist, vid, cc, srrl
+class DIST(Term):
+    """Huang et al. 2022: T^2 (beta inter + gamma intra), Pearson-correlation losses of softmax(z/T).
+
+    Defaults are the authors' CIFAR-100 recipe (``dist_t4``: T = 4, weight 2 next to ``ce`` 1); their
+    ImageNet runs use T = 1.
+    """
+
+    default_weight = 2.0
+
+    def __init__(self, weight=None, warmup_epochs=0.0, beta: float = 1.0, gamma: float = 1.0,
+                 temperature: float = 4.0):
+        super().__init__(weight, warmup_epochs)
+        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+
+    def forward(self, out: Outputs) -> Tensor:
+        return KF.dist(out.logits, out.teacher_logits, self.beta, self.gamma, self.temperature)
+
+
+def _pointwise(c_in: int, c_out: int, dims: int) -> nn.Module:
+    """A bias-free 1x1 convolution (a linear map for 1-d features)."""
+    return nn.Conv2d(c_in, c_out, 1, bias=False) if dims == 3 else nn.Linear(c_in, c_out, bias=False)
+
+
+class VID(FeatureTerm):
+    """Ahn et al. 2019: sum over positions of mean(0.5 ((r(s) - t)^2 / var + log var)).
+
+    Per position: a regressor r = 1x1 conv (student -> teacher channels), ReLU, 1x1 conv, ReLU, 1x1 conv
+    (no biases, PyTorch's default init) and one learned variance per teacher channel, var = softplus(a) +
+    eps with a initialised so that var = ``init_variance`` (5), as RepDistiller. Both train with the student.
+    """
+
+    default_weight = 1.0
+    connect_channels = False  # the regressor is the method's own
+
+    def __init__(self, weight=None, warmup_epochs=0.0, init_variance: float = 5.0, eps: float = 1e-5):
+        super().__init__(weight, warmup_epochs)
+        if not init_variance > eps:
+            raise ValueError(f"init_variance must exceed eps ({eps}), got {init_variance}")
+        self.init_variance, self.eps = float(init_variance), float(eps)
+
+    def setup(self, ctx: Setup) -> None:
+        super().setup(ctx)  # pooling of the larger map
+        self.regressors, self.log_scales = nn.ModuleList(), nn.ParameterList()
+        start = math.log(math.expm1(self.init_variance - self.eps))  # softplus^-1
+        for t, s in self.pairs:
+            s_shape, t_shape = ctx.student_shapes[s], ctx.teacher_shapes[t]
+            c_s, c_t, dims = s_shape[0], t_shape[0], len(t_shape)
+            self.regressors.append(nn.Sequential(_pointwise(c_s, c_t, dims), nn.ReLU(), _pointwise(c_t, c_t, dims),
+                                                 nn.ReLU(), _pointwise(c_t, c_t, dims)))
+            self.log_scales.append(nn.Parameter(torch.full((c_t,), start)))
+
+    def forward(self, out: Outputs) -> Tensor:
+        total = 0.0
+        for (s, t), regressor, log_scale in zip(self.pairs_of(out), self.regressors, self.log_scales):
+            total = total + KF.vid(regressor(s), t, F.softplus(log_scale) + self.eps)
+        return total
+
+
+class CC(FeatureTerm):
+    """Peng et al. 2019: correlation congruence of linear embeddings (``embed_dim`` 128) of both models.
+
+    ``form: code`` (default) is RepDistiller's form (from code the authors shared; weight 0.02 is its),
+    ``form: paper`` the paper's Gaussian-RBF Taylor-kernel correlation matrices (see
+    :func:`kdgraph.losses.functional.cc`). As RepDistiller, both embeddings are trainable linear layers
+    on the penultimate features (the teacher's embedding trains too; the teacher does not).
+    """
+
+    default_weight = 0.02
+    auto = "embedding"
+    connect_channels = False
+    match_spatial = False
+
+    def __init__(self, weight=None, warmup_epochs=0.0, form: str = "code", embed_dim: int = 128,
+                 gamma: float = 0.4, order: int = 2):
+        super().__init__(weight, warmup_epochs)
+        if form not in ("code", "paper"):
+            raise ValueError(f"form must be 'code' or 'paper', got {form!r}")
+        if not (isinstance(embed_dim, int) and embed_dim > 0) or not (isinstance(order, int) and order >= 0):
+            raise ValueError(f"embed_dim must be a positive and order a non-negative integer "
+                             f"(got {embed_dim!r}, {order!r})")
+        self.form, self.embed_dim, self.gamma, self.order = form, embed_dim, gamma, order
+
+    def setup(self, ctx: Setup) -> None:
+        super().setup(ctx)
+        self.embed_s = nn.ModuleList(nn.Linear(math.prod(ctx.student_shapes[s]), self.embed_dim)
+                                     for _, s in self.pairs)
+        self.embed_t = nn.ModuleList(nn.Linear(math.prod(ctx.teacher_shapes[t]), self.embed_dim)
+                                     for t, _ in self.pairs)
+
+    def forward(self, out: Outputs) -> Tensor:
+        total = 0.0
+        for (s, t), embed_s, embed_t in zip(self.pairs_of(out), self.embed_s, self.embed_t):
+            total = total + KF.cc(embed_s(s.flatten(1)), embed_t(t.flatten(1)), self.form, self.gamma, self.order)
+        return total
+
+
+class SRRL(FeatureTerm):
+    """Yang et al. 2021: feature matching + the teacher's classifier applied to the student's feature.
+
+    The student's last feature map (``positions: auto``: the map the global pooling reads) goes through
+    a connector (1x1 conv + BN + ReLU to the teacher's channels, He init, as the authors' code); the
+    loss is mean((pool(r(s)) - pool(t))^2) + mean((head_t(r(s)) - z_t)^2), where head_t is the part of
+    the teacher's graph from the teacher position to its logits (pooling and classifier), taken from
+    its fx graph, so it is the teacher's own head whatever the architecture.
+    """
+
+    default_weight = 1.0
+    auto = "final"
+    always_connect = True
+
+    def __init__(self, weight=None, warmup_epochs=0.0, feature_weight: float = 1.0,
+                 regression_weight: float = 1.0):
+        super().__init__(weight, warmup_epochs)
+        self.feature_weight, self.regression_weight = feature_weight, regression_weight
+
+    def setup(self, ctx: Setup) -> None:
+        super().setup(ctx)
+        if ctx.teacher is None or ctx.teacher_node is None:
+            raise UserError("srrl needs the teacher's graph (its classifier) to be traced")
+        # Not submodules: the heads are the teacher's own layers, which are neither trained nor saved here.
+        self.__dict__["heads"] = [_head(ctx.teacher, ctx.teacher_node(t), t) for t, _ in self.pairs]
+
+    def forward(self, out: Outputs) -> Tensor:
+        total = 0.0
+        for (s, t), head in zip(self.pairs_of(out), self.heads):
+            s = F.relu(s)
+            regressed = head(s.clone())  # a copy: an in-place op in the head cannot touch s
+            total = total + KF.srrl(s, t, regressed, out.teacher_logits, self.feature_weight,
+                                    self.regression_weight)
+        return total
+
+
+def _head(root: nn.Module, start: fx.Node, tap: str) -> fx.GraphModule:
+    """The part of ``root``'s fx graph that maps the value at ``start`` to the model's output, as a module.
+
+    It shares ``root``'s layers. The output must be one tensor computed from ``start`` and parameters only.
+    """
+    graph = fx.Graph()
+    env = {start: graph.placeholder("feature")}
+    nodes = list(start.graph.nodes)
+    for node in nodes[nodes.index(start) + 1:]:
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in env:
+                raise UserError(f"srrl: the teacher's output is not one tensor computed from {tap!r}; "
+                                f"choose the position whose value the teacher's pooling and classifier read")
+            graph.output(env[result])
+            return fx.GraphModule(root, graph, class_name="TeacherHead")
+        inputs = node.all_input_nodes
+        if not any(n in env for n in inputs):
+            continue
+        for n in inputs:
+            if n not in env and n.op == "get_attr":
+                env[n] = graph.node_copy(n)
+            elif n not in env:
+                raise UserError(f"srrl: the teacher's output after {tap!r} also depends on {n.name!r}; choose "
+                                f"the position whose value the teacher's pooling and classifier read")
+        env[node] = graph.node_copy(node, env.__getitem__)
+    raise UserError(f"srrl: no output after {tap!r} in the teacher's graph")
