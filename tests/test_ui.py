@@ -231,8 +231,8 @@ def test_handlers_build_events(tmp_path):
     assert h.preview("my-run.yaml", *h.values(form))[1] == "valid"
     weight, rows, positions = h.method_changed("kd", [["warmup_epochs", "2", "0.0"], ["label_smoothing", "", "0.0"]])
     assert (weight, positions) == ("0.9", "auto")
-    assert rows == [["warmup_epochs", "2", "0.0"], ["temperature", "", "4.0"], ["init_epochs", "", "0"],
-                    ["lr_scale", "", "1.0"]]
+    assert rows == [["warmup_epochs", "2", "0.0"], ["temperature", "", "4.0"], ["standardize", "", "false"],
+                    ["init_epochs", "", "0"], ["lr_scale", "", "1.0"]]
     pairs, mode = h.add_pair("block1", "block2", [["a", "b"], ["", ""]])
     assert pairs == [["a", "b"], ["block1", "block2"]] and mode == "pairs"
     form.update({"loss.count": 3, **forms.new_term(1, "kd"), **forms.new_term(2, "at")})

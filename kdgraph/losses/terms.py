@@ -273,18 +273,16 @@ class CE(Term):
 class KD(Term):
     """Hinton et al. 2015: T^2 KL(softmax(t/T) || softmax(s/T)); pair with a ``ce`` term (0.1 + 0.9).
 
-    ``standardize: true`` Z-scores both logits first (Sun et al. 2024, logit standardization); unset
-    ``temperature`` and ``weight`` then follow the authors' recipe: T = 2 (their base temperature) and
-    weight 9 (with ``ce`` 0.1), instead of T = 4 and 0.9.
+    ``standardize: true`` Z-scores both logits first (Sun et al. 2024, logit standardization); T then
+    acts as their "base temperature". The authors' recipe with it: ``temperature: 2``, ``weight: 9``
+    (with ``ce`` 0.1).
     """
 
     default_weight = 0.9
 
-    def __init__(self, weight=None, warmup_epochs=0.0, temperature: float | None = None, standardize: bool = False):
-        standardize = _flag("standardize", standardize)
-        super().__init__(9.0 if weight is None and standardize else weight, warmup_epochs)
-        self.standardize = standardize
-        self.temperature = (2.0 if self.standardize else 4.0) if temperature is None else temperature
+    def __init__(self, weight=None, warmup_epochs=0.0, temperature: float = 4.0, standardize: bool = False):
+        super().__init__(weight, warmup_epochs)
+        self.temperature, self.standardize = temperature, _flag("standardize", standardize)
 
     def forward(self, out: Outputs) -> Tensor:
         return KF.kd(out.logits, out.teacher_logits, self.temperature, standardize=self.standardize)
@@ -293,17 +291,15 @@ class KD(Term):
 class DKD(Term):
     """Zhao et al. 2022: alpha TCKD + beta NCKD, T^2-scaled, with a 20-epoch linear warm-up.
 
-    ``standardize: true`` Z-scores both logits first (Sun et al. 2024); unset ``temperature`` and
-    ``weight`` then follow the authors' recipe: T = 2 and weight 9 (their alpha and beta times 9).
+    ``standardize: true`` Z-scores both logits first (Sun et al. 2024). The authors' recipe with it:
+    ``temperature: 2``, ``weight: 9`` (their alpha and beta times 9).
     """
 
     def __init__(self, weight=None, warmup_epochs=20.0, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float | None = None, standardize: bool = False):
-        standardize = _flag("standardize", standardize)
-        super().__init__(9.0 if weight is None and standardize else weight, warmup_epochs)
-        self.standardize = standardize
-        self.alpha, self.beta = alpha, beta
-        self.temperature = (2.0 if self.standardize else 4.0) if temperature is None else temperature
+                 temperature: float = 4.0, standardize: bool = False):
+        super().__init__(weight, warmup_epochs)
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.standardize = _flag("standardize", standardize)
 
     def forward(self, out: Outputs) -> Tensor:
         return KF.dkd(out.logits, out.teacher_logits, out.target, self.alpha, self.beta, self.temperature,
