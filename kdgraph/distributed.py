@@ -54,3 +54,26 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor concatenated along dim 0 over the ranks, in rank order, without gradient.
+
+    The same on every rank; the tensors themselves (detached) in a single process. Sizes in dim 0 may
+    differ between ranks. Every rank must call it at the same point (inside a loss term's forward is fine):
+    this is how a term updates state that must stay equal across ranks, such as a memory bank.
+    """
+    if world() == 1:
+        return tuple(t.detach() for t in tensors)
+    device = tensors[0].device
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world())]
+    dist.all_gather(sizes, torch.tensor([tensors[0].shape[0]], device=device))
+    sizes = [int(n) for n in sizes]
+    out = []
+    for t in tensors:
+        padded = t.detach().new_zeros((max(sizes),) + tuple(t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(world())]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return tuple(out)

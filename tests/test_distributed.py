@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch build has no gloo backend")
 
 
-def _spec(tmp: Path, name: str, epochs: int = 2, steps: int = 6) -> Path:
+def _spec(tmp: Path, name: str, epochs: int = 2, steps: int = 6, loss: list | None = None) -> Path:
     teacher = tmp / "teacher.pt"
     if not teacher.exists():
         torch.manual_seed(1)
@@ -38,7 +38,7 @@ def _spec(tmp: Path, name: str, epochs: int = 2, steps: int = 6) -> Path:
            "data": {"dataset": "digits", "workers": 0, "batch_size": 32, "test_batch_size": 128, "augment": False},
            "teacher": {"model": "wrn-10-1", "checkpoint": str(teacher)},
            "student": {"model": "tests.userpkg:PlainNet"},
-           "loss": [{"method": "ce", "weight": 0.5}, {"method": "kd", "weight": 0.5}],
+           "loss": loss or [{"method": "ce", "weight": 0.5}, {"method": "kd", "weight": 0.5}],
            "train": {"epochs": epochs, "max_steps_per_epoch": steps, "device": "cpu",
                      "optimizer": {"lr": 0.1}, "schedule": {"name": "cosine"}},
            "log": {"tensorboard": False, "every": 1}}
@@ -57,10 +57,10 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _close(a: list[dict], b: list[dict]) -> None:
+def _close(a: list[dict], b: list[dict], terms=("ce", "kd")) -> None:
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("loss", "loss/ce", "loss/kd", "train_top1", "test_loss", "test_top1"):
+        for key in ("loss", *(f"loss/{t}" for t in terms), "train_top1", "test_loss", "test_top1"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-4), (key, ra, rb)
 
 
@@ -127,3 +127,23 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     assert p.returncode != 0
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite on another process" in summary["error"], out
+
+
+def test_crd_on_two_gloo_processes_matches_one_process(tmp_path):
+    """CRD's memory banks under DDP: each rank gathers the whole batch's indices and embeddings, draws the same
+    negatives (keyed by sample, not by rank) and applies the same update, so two processes reproduce one
+    process's losses and banks. ``CheckedCRD`` fails the run if the ranks' banks ever differ."""
+    loss = [{"method": "ce"}, {"method": "tests.userpkg:CheckedCRD", "negatives": 256}]
+    spec = _spec(tmp_path, "crd", epochs=2, steps=4, loss=loss)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, None), (two, 2)):
+        p = _kdgraph(spec, "--out", out, nproc=nproc)
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, log
+    _close(_rows(one), _rows(two), terms=("ce", "checkedcrd"))
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["terms"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["terms"]
+    assert a["1._extra_state"]["draws"] == b["1._extra_state"]["draws"] == 8
+    assert a["1._extra_state"]["z"] == pytest.approx(b["1._extra_state"]["z"], rel=1e-5)
+    for k in ("1.student_bank", "1.teacher_bank", "1.embed_student.weight", "1.embed_teacher.weight"):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

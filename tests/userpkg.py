@@ -3,7 +3,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdgraph.losses import Term
-from kdgraph.losses.terms import FeatureTerm
+from kdgraph.losses.terms import CRD, FeatureTerm
 
 
 class Net(nn.Module):
@@ -134,3 +134,17 @@ class IndexSpy(Term):
     def forward(self, out):
         IndexSpy.seen.append(out.index)
         return out.logits.sum() * 0.0
+
+
+class CheckedCRD(CRD):
+    """CRD that checks after every step that its memory banks are identical on every rank (else it raises)."""
+
+    def forward(self, out):
+        loss = super().forward(out)
+        from kdgraph.distributed import gather_tensors
+
+        for bank in (self.student_bank, self.teacher_bank):
+            sums = gather_tensors(bank.double().sum(1).view(1, -1))[0]
+            if not (sums == sums[0]).all():
+                raise RuntimeError("CRD memory banks differ between ranks")
+        return loss

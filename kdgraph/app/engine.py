@@ -10,6 +10,12 @@ appends its metrics row, rewrites the summary and writes the last checkpoint ato
 :func:`restore` (from the last checkpoint, with any number of processes: :func:`rank_share`), then per
 epoch :func:`train_epoch` (its batches, each a :func:`step`), :func:`train_metrics` and
 :func:`evaluate_student`, and :func:`end_epoch` (checkpoints, metrics row, summary).
+
+Terms with ``init_epochs`` add a pre-training stage before distillation: epochs numbered from
+``-init_epochs`` to -1, each a :func:`train_epoch` of its own :class:`Stage` (optimiser and forward),
+closed by :func:`end_init_epoch` (checkpoint, a metrics row marked ``"stage": "init"``, TensorBoard
+``init/...``). The checkpoint's ``state["epoch"]`` is then negative, so a resumed run continues inside the
+stage.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from .. import spec as specs
-from ..data import DatasetInfo, build_loaders
+from ..data import DatasetInfo, build_loaders, train_targets
 from ..distiller import Distiller, TermProblems
 from ..distributed import all_reduce, any_rank, barrier, gather_objects, rank, world
 from ..errors import SpecError, UserError
@@ -346,8 +352,12 @@ def train(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, signals: _Si
     if t.rank == 0:  # rows past the checkpoint (killed before it was written)
         rd.keep_metrics(t.state["epoch"])
     for epoch in range(t.state["epoch"], t.train["epochs"]):
+        stage = begin_stage(t, epoch)
         started = time.time()
-        sums = train_epoch(t, epoch, signals)
+        sums = train_epoch(t, stage, epoch, signals)
+        if stage.init:
+            end_init_epoch(t, epoch, {**init_metrics(t, epoch, sums), "seconds": round(time.time() - started, 2)})
+            continue
         row = {**train_metrics(t, epoch, sums), **evaluate_student(t)}
         row["seconds"] = round(time.time() - started, 2)
         end_epoch(t, epoch, row)
@@ -355,11 +365,27 @@ def train(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, signals: _Si
 
 # --------------------------------------------------------------------------------------------- build
 @dataclass
+class Stage:
+    """What a stage's steps update: distillation, or the terms' pre-training (``init``).
+
+    ``optimizer`` over ``params`` (grouped by the terms' ``lr_scale``); ``step_fn`` is the distiller, or
+    its DistributedDataParallel wrapper, made when the stage begins (:func:`begin_stage`).
+    """
+
+    optimizer: torch.optim.Optimizer
+    params: list
+    init: bool = False
+    step_fn: nn.Module | None = None
+
+
+@dataclass
 class Training:
     """What the phases of one run share: built by :func:`build`, advanced by the epochs.
 
-    ``state`` is what the last checkpoint records: ``epoch`` and ``step`` (where to continue), ``best`` and
-    ``best_epoch``, and ``sums`` (a partial epoch's loss, correct, seen and per-term sums on this rank).
+    ``state`` is what the last checkpoint records: ``epoch`` and ``step`` (where to continue; ``epoch`` < 0
+    inside the pre-training stage), ``best`` and ``best_epoch``, and ``sums`` (a partial epoch's loss,
+    correct, seen and per-term sums on this rank). ``main`` is the distillation stage, ``init`` the
+    pre-training stage (None when no term has ``init_epochs``).
     """
 
     spec: specs.Spec
@@ -375,9 +401,8 @@ class Training:
     student: nn.Module
     teacher: nn.Module | None
     distiller: Distiller
-    step_fn: nn.Module              # the distiller, or its DistributedDataParallel wrapper
-    params: list
-    optimizer: torch.optim.Optimizer
+    main: Stage
+    init: Stage | None
     scaler: torch.amp.GradScaler
     state: dict
 
@@ -392,7 +417,7 @@ def build(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, runs_dir: Pa
     torch.manual_seed(train["seed"])
     device = _device(train)
     train_loader, test_loader, info = build_loaders(_per_rank(data["data"], world()), seed=train["seed"],
-                                                    distributed=world() > 1, device=device)
+                                                    distributed=world() > 1, device=device, indices=True)
     summary["device"] = str(device) + (f" x{world()}" if world() > 1 else "")
     teacher, student = _models(spec, info, device, summary, log, runs_dir, echo)
     try:
@@ -405,19 +430,43 @@ def build(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, runs_dir: Pa
             summary["teacher_top1"] = evaluate(teacher, test_loader, device, train["precision"],
                                                train["channels_last"])["test_top1"]
         log.line(f"teacher {data['teacher']['model']}: test top-1 {summary['teacher_top1']:.2f}%")
-    distiller.setup(_to(next(iter(test_loader))[0][:2], device, train["channels_last"]), batches=train_loader)
-    params = distiller.trainable_parameters()
-    optimizer = make_optimizer(params, train["optimizer"])
+    distiller.setup(_to(next(iter(test_loader))[0][:2], device, train["channels_last"]), batches=train_loader,
+                    num_samples=len(train_loader.dataset), targets=train_targets(train_loader), seed=train["seed"])
     scaler = torch.amp.GradScaler(device.type, enabled=train["precision"] == "fp16")
     if train["compile"]:
         distiller.compile_forwards()
-    step_fn = distiller
-    if world() > 1:
-        step_fn = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
-    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
+    main = _stage(distiller.param_groups(), train["optimizer"])
+    init = _stage(distiller.init_param_groups(), train["optimizer"], init=True) if distiller.init_epochs else None
+    if init is not None:
+        summary["init_epochs"] = distiller.init_epochs
+    state = {"epoch": -distiller.init_epochs, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
     return Training(spec, rd, log, summary, device, rank(), world(), info, train_loader, test_loader, student,
-                    teacher, distiller, step_fn, params, optimizer, scaler, state)
+                    teacher, distiller, main, init, scaler, state)
+
+
+def _stage(groups: list[dict], opt: dict, init: bool = False) -> Stage:
+    return Stage(make_optimizer(groups, opt), [p for g in groups for p in g["params"]], init)
+
+
+def begin_stage(t: Training, epoch: int) -> Stage:
+    """The stage ``epoch`` belongs to (pre-training below 0), with its forward: over several processes a
+    DistributedDataParallel wrapper, made when the stage begins (the other stage's is dropped). DDP leaves
+    alone the buffers terms keep equal across processes themselves (``synced_buffers``); the pre-training
+    stage finds unused parameters, since its terms join at different epochs."""
+    stage = t.init if epoch < 0 else t.main
+    if stage is None:
+        raise UserError("the checkpoint stopped in a pre-training stage (init_epochs) that the spec no longer has")
+    if stage.step_fn is None:
+        for other in (t.init, t.main):
+            if other is not None:
+                other.step_fn = None
+        stage.step_fn = t.distiller
+        if t.world > 1:
+            DDP = nn.parallel.DistributedDataParallel
+            DDP._set_params_and_buffers_to_ignore_for_model(t.distiller, t.distiller.synced_buffer_names())
+            stage.step_fn = DDP(t.distiller, device_ids=[t.device.index] if t.device.type == "cuda" else None,
+                                static_graph=not stage.init, find_unused_parameters=stage.init)
+    return stage
 
 
 def _device(train: dict) -> torch.device:
@@ -481,11 +530,14 @@ def restore(t: Training, previous: dict) -> None:
     the summary keeps its best and final accuracies from ``previous``."""
     saved = t.rd.load_checkpoint("last")  # load_state_dict copies to the parameters' device
     t.student.load_state_dict(saved["model"])
-    t.distiller.terms.load_state_dict(saved["terms"])
-    t.optimizer.load_state_dict(saved["optimizer"])
+    t.distiller.terms.load_state_dict(saved["terms"])  # connectors and term state (memory banks...)
+    t.state = saved["state"]
+    stage = t.init if t.state["epoch"] < 0 else t.main  # the pre-training stage's optimiser inside it
+    if stage is None:
+        raise UserError(f"{t.rd.last} stopped in a pre-training stage (init_epochs) that the spec no longer has")
+    stage.optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler"):
         t.scaler.load_state_dict(saved["scaler"])
-    t.state = saved["state"]
     ranks = saved.get("ranks") or [{"rng": saved["rng"], "sums": t.state["sums"]}]
     rng, t.state["sums"] = rank_share(ranks, t.state, t.rank, t.world, t.train["seed"])
     if isinstance(rng, dict):
@@ -498,8 +550,8 @@ def restore(t: Training, previous: dict) -> None:
     t.summary.update({k: previous.get(k) for k in ("best_top1", "best_epoch", "final_top1") if k in previous})
     if t.state["best"] >= 0 and t.summary.get("best_top1") is None:
         t.summary.update(best_top1=t.state["best"], best_epoch=t.state["best_epoch"])
-    t.summary["epochs_done"] = t.state["epoch"]
-    t.log.line(f"resuming {t.rd.path} at epoch {t.state['epoch'] + 1}, step {t.state['step']}")
+    t.summary["epochs_done"] = max(0, t.state["epoch"])
+    t.log.line(f"resuming {t.rd.path} at {_epoch_name(t, t.state['epoch'])}, step {t.state['step']}")
 
 
 def rank_share(ranks: list[dict], state: dict, rank: int, world: int, seed: int) -> tuple[dict | int, dict | None]:
@@ -535,31 +587,33 @@ class Step:
     failed: bool
 
 
-def step(t: Training, x: torch.Tensor, y: torch.Tensor, progress: float, signals: _Signals | None = None) -> Step:
-    """One optimisation step on a batch already on the device, at fractional epoch ``progress``: the
-    scheduled learning rate, the forward (under autocast), the ranks' agreement on a stop (requested by
-    ``signals`` up to the end of the forward) and on a finite loss, then backward, gradient clipping and
-    the optimiser step."""
-    lr = lr_at(progress, t.train)
-    for g in t.optimizer.param_groups:
-        g["lr"] = lr
+def step(t: Training, stage: Stage, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, progress: float,
+         signals: _Signals | None = None) -> Step:
+    """One optimisation step of ``stage`` on a batch already on the device (``index``: the samples' places in
+    the training set), at fractional epoch ``progress``: the learning rate (scheduled; the spec's, held
+    constant, in the pre-training stage; times each group's ``lr_scale``), the forward (under autocast),
+    the ranks' agreement on a stop (requested by ``signals`` up to the end of the forward) and on a finite
+    loss, then backward, gradient clipping and the optimiser step."""
+    lr = t.train["optimizer"]["lr"] if stage.init else lr_at(progress, t.train)
+    for g in stage.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     with autocast(t.device, t.train["precision"]):
-        loss, parts, logits = t.step_fn(x, y, progress)
+        loss, parts, logits = stage.step_fn(x, y, progress, index, init=stage.init)
     requested = signals is not None and signals.stop
     stop, failed = any_rank([requested, not bool(torch.isfinite(loss))], t.device)  # every rank acts alike
     if failed:
         return Step(loss, parts, logits, lr, stop, failed)
-    t.optimizer.zero_grad(set_to_none=True)
+    stage.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
     if t.train["grad_clip"]:
-        t.scaler.unscale_(t.optimizer)
-        nn.utils.clip_grad_norm_(t.params, t.train["grad_clip"])
-    t.scaler.step(t.optimizer)
+        t.scaler.unscale_(stage.optimizer)
+        nn.utils.clip_grad_norm_(stage.params, t.train["grad_clip"])
+    t.scaler.step(stage.optimizer)
     t.scaler.update()
     return Step(loss, parts, logits, lr, stop, failed)
 
 
-def train_epoch(t: Training, epoch: int, signals: _Signals) -> dict:
+def train_epoch(t: Training, stage: Stage, epoch: int, signals: _Signals) -> dict:
     """The steps of ``epoch`` from ``t.state["step"]`` on; this rank's sums (loss, correct, seen, each term).
 
     A stop request ends the epoch after a whole step, before the next batch is drawn (and augmented):
@@ -570,15 +624,18 @@ def train_epoch(t: Training, epoch: int, signals: _Signals) -> dict:
     steps = len(loader) if train["max_steps_per_epoch"] is None else min(train["max_steps_per_epoch"], len(loader))
     loader.sampler.set_epoch(epoch, t.state["step"] * loader.batch_size)
     loader.generator.manual_seed(train["seed"] * 100003 + epoch + 7919 * t.rank)  # worker seeds
-    t.distiller.train()
-    sums = t.state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, **{n: 0.0 for n in t.distiller.names}}
-    bar = _progress(steps, t.state["step"], f"epoch {epoch + 1}/{train['epochs']}", t.rank == 0)
+    if stage.init:
+        t.distiller.init_mode(epoch)
+    else:
+        t.distiller.train()
+    sums = t.state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, **{n: 0.0 for n in _names(t, epoch)}}
+    bar = _progress(steps, t.state["step"], _epoch_name(t, epoch, of=True), t.rank == 0)
     i = t.state["step"]
-    for x, y in loader:
+    for x, y, index in loader:
         if i >= steps:
             break
         x, y = _to(x, t.device, train["channels_last"]), y.to(t.device, non_blocking=True)
-        s = step(t, x, y, epoch + i / steps, signals)
+        s = step(t, stage, x, y, index.to(t.device, non_blocking=True), epoch + i / steps, signals)
         if s.failed:
             raise _non_finite(t, s, epoch, i)
         _add(sums, s, y)
@@ -586,7 +643,7 @@ def train_epoch(t: Training, epoch: int, signals: _Signals) -> dict:
         bar.update(1)
         bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {s.lr:.4g}", refresh=False)
         if not bar.interactive and i % t.spec.data["log"]["every"] == 0:
-            t.log.line(f"epoch {epoch + 1} step {i}/{steps} loss {sums['loss'] / sums['seen']:.4f}")
+            t.log.line(f"{_epoch_name(t, epoch)} step {i}/{steps} loss {sums['loss'] / sums['seen']:.4f}")
         if s.stop:
             t.state.update(epoch=epoch, step=i, sums=sums)
             save_checkpoint(t, "last")
@@ -594,6 +651,20 @@ def train_epoch(t: Training, epoch: int, signals: _Signals) -> dict:
             raise Stopped()
     bar.close()
     return sums
+
+
+def _names(t: Training, epoch: int) -> list[str]:
+    """The terms whose values an epoch logs: all of them, or in the pre-training stage the active ones."""
+    names = t.distiller.names
+    return [names[i] for i in t.distiller.init_active(epoch)] if epoch < 0 else names
+
+
+def _epoch_name(t: Training, epoch: int, of: bool = False) -> str:
+    """``epoch 3`` (1-based), or ``init epoch 2`` inside the pre-training stage; ``of``: ``epoch 3/200``."""
+    if epoch < 0:
+        n = t.distiller.init_epochs
+        return f"init epoch {epoch + n + 1}" + (f"/{n}" if of else "")
+    return f"epoch {epoch + 1}" + (f"/{t.train['epochs']}" if of else "")
 
 
 def _add(sums: dict, s: Step, y: torch.Tensor) -> None:
@@ -608,7 +679,7 @@ def _add(sums: dict, s: Step, y: torch.Tensor) -> None:
 def _non_finite(t: Training, s: Step, epoch: int, i: int) -> NonFinite:
     what = f"became {s.loss.item()}" if not torch.isfinite(s.loss) else "became non-finite on another process"
     last = t.rd.last
-    return NonFinite(f"the loss {what} at epoch {epoch + 1}, step {i + 1} "
+    return NonFinite(f"the loss {what} at {_epoch_name(t, epoch)}, step {i + 1} "
                      f"({', '.join(f'{n}={v.item():.4g}' for n, v in s.parts.items())}); "
                      + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
                      + ". Lower train.optimizer.lr or a term's weight")
@@ -624,6 +695,35 @@ def train_metrics(t: Training, epoch: int, sums: dict) -> dict:
     return {"epoch": epoch + 1, "lr": lr_at(epoch, t.train), "loss": totals[0].item() / seen,
             **{f"loss/{n}": totals[3 + i].item() / seen for i, n in enumerate(names)},
             "train_top1": 100 * totals[1].item() / seen}
+
+
+def init_metrics(t: Training, epoch: int, sums: dict) -> dict:
+    """A pre-training epoch's row (summed over the ranks): ``"stage": "init"``, ``epoch`` (<= 0: the row
+    sorts before distillation's), ``init_epoch`` (1-based), the learning rate, the loss and each active term."""
+    names = _names(t, epoch)
+    totals = torch.tensor([sums["loss"], sums["seen"]] + [sums[n] for n in names], dtype=torch.float64,
+                          device=t.device)
+    all_reduce(totals)
+    seen = max(totals[1].item(), 1)
+    return {"stage": "init", "epoch": epoch + 1, "init_epoch": epoch + t.distiller.init_epochs + 1,
+            "lr": t.train["optimizer"]["lr"], "loss": totals[0].item() / seen,
+            **{f"loss/{n}": totals[2 + i].item() / seen for i, n in enumerate(names)}}
+
+
+def end_init_epoch(t: Training, epoch: int, row: dict) -> None:
+    """Close pre-training ``epoch``: the last checkpoint (the next distillation epoch, from 0, starts with a
+    fresh optimiser), its row into the metrics, TensorBoard (``init/...``) and the summary, a log line."""
+    t.state.update(epoch=epoch + 1, step=0, sums=None)
+    save_checkpoint(t, "last")
+    if t.rank == 0:
+        t.rd.append_metrics(row)
+        t.log.scalars({f"init/{k}": v for k, v in row.items() if k not in ("stage", "epoch", "init_epoch")},
+                      row["init_epoch"])
+        t.summary["init_epochs_done"] = row["init_epoch"]
+        t.rd.write_summary(t.summary)
+    terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("loss/"))
+    t.log.line(f"{_epoch_name(t, epoch, of=True)} (pre-training) loss {row['loss']:.4f} ({terms}) "
+               f"{row['seconds']:.1f}s")
 
 
 def evaluate_student(t: Training) -> dict:
@@ -662,7 +762,7 @@ def save_checkpoint(t: Training, which: str) -> None:
         return
     obj = {"model": t.student.state_dict(), "terms": t.distiller.terms.state_dict(), "state": t.state,
            "rng": ranks[0]["rng"], "ranks": ranks, "spec": t.spec.data, "format": "kdgraph-1"}
-    if which == "last":
-        obj["optimizer"] = t.optimizer.state_dict()
+    if which == "last":  # the optimiser of the stage the run continues in
+        obj["optimizer"] = (t.init if t.state["epoch"] < 0 else t.main).optimizer.state_dict()
         obj["scaler"] = t.scaler.state_dict() if t.scaler.is_enabled() else None
     t.rd.save_checkpoint(which, obj)

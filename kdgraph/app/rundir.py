@@ -4,7 +4,7 @@
 
 * ``spec.yaml`` -- the resolved spec, the files it names made absolute;
 * ``summary.json`` -- the run's state (status, epochs done, best and final top-1, ...), from its first second;
-* ``metrics.jsonl`` -- one JSON line per epoch;
+* ``metrics.jsonl`` -- one JSON line per epoch (pre-training epochs marked ``"stage": "init"``);
 * ``checkpoints/last.pt`` (every epoch's end, and a stop) and ``checkpoints/best.pt`` (the best epoch);
 * ``log.txt``, TensorBoard events in ``tb/``, and ``.lock`` (held while a ``from_spec`` teacher trains).
 
@@ -147,8 +147,10 @@ class RunDir:
                 pass
         return max(stamps, default=0.0)
 
-    def metrics(self) -> list[dict]:
-        """The per-epoch rows of ``metrics.jsonl`` (a partly written last line is ignored)."""
+    def metrics(self, stage: str = "distill") -> list[dict]:
+        """The per-epoch rows of ``metrics.jsonl`` of ``stage``: ``distill`` (the epochs that train and test the
+        student), or ``init`` (the terms' pre-training epochs, rows marked ``"stage": "init"``). A partly
+        written last line is ignored."""
         try:
             lines = self.metrics_file.read_text().splitlines()
         except OSError:
@@ -159,7 +161,7 @@ class RunDir:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and "epoch" in row:
+            if isinstance(row, dict) and "epoch" in row and row.get("stage", "distill") == stage:
                 rows.append(row)
         return rows
 

@@ -13,7 +13,7 @@ from ..graph import PRE, stage_ends
 from ..registry import Registry
 from . import functional
 from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
-from .terms import CRD, ReviewKD, gather
+from .terms import CRD, ReviewKD
 from .terms import CC, DIST, SRRL, VID  # methods-B
 
 LOSSES = Registry("loss method")
@@ -25,7 +25,7 @@ for _name, _cls in [("crd", CRD), ("reviewkd", ReviewKD)]:  # stateful methods: 
 for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
-__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "gather", "term_params"]
+__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "term_params"]
 
 _COMMON = {"method", "weight", "positions", "warmup_epochs"}
 _FRAMEWORK = ("init_epochs", "lr_scale")  # keys every term takes, set as attributes after construction

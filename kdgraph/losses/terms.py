@@ -14,7 +14,7 @@ A term holds its state (connectors, margins, memory banks) and calls the pure ma
 
 What the framework offers a term beyond that (see :class:`Term`): the dataset index of every sample
 (``out.index``), state saved in checkpoints (buffers), state kept equal across processes
-(:func:`gather` and ``synced_buffers``), a pre-training stage of its own (``init_epochs``,
+(:func:`kdgraph.distributed.gather_tensors` and ``synced_buffers``), a pre-training stage of its own (``init_epochs``,
 :meth:`Term.init_loss`, :meth:`Term.init_parameters`) and a learning-rate multiplier for its own
 parameters (``lr_scale``).
 """
@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import gather_tensors
 from ..errors import UserError
 from . import functional as KF
 from .connectors import ABF, Align
@@ -113,7 +114,7 @@ class Term(nn.Module):
     from ``ctx.seed`` and a counter kept in a buffer; a ``torch.Generator`` attribute is *not* saved.
 
     **Several processes.** Each process sees its shard of the batch. Keep state equal across processes
-    by updating it from :func:`gather` (the whole batch, every process, in the same order), and list such
+    by updating it from :func:`kdgraph.distributed.gather_tensors` (the whole batch, every process, in the same order), and list such
     buffers in ``synced_buffers`` so DDP does not broadcast them from rank 0 at each step. Initialise them
     identically on every process (from ``ctx.seed``, not the global generator, which is seeded per rank).
 
@@ -122,10 +123,11 @@ class Term(nn.Module):
     the loss is the sum of the active terms' :meth:`init_loss` (unweighted, as RepDistiller) and a fresh
     optimizer of the spec's kind, at the spec's learning rate held constant, updates
     :meth:`init_parameters` only; the student is in train mode only while some active term trains
-    student parameters, the teacher stays in eval mode. Terms with fewer init epochs drop out of the
-    stage as it goes on. The engine logs the stage (metrics rows with ``"stage": "init"``,
-    TensorBoard ``init/...``) and resumes it exactly. During the stage ``out.epoch`` is negative
-    (``-init_epochs`` up to 0) and distillation epochs count from 0 as without the stage.
+    student parameters, the teacher stays in eval mode. The stage lasts the most epochs any term asks
+    for, and every term's part ends with it: a term with fewer init epochs joins later. During the stage
+    ``out.epoch`` is negative (from ``-init_epochs`` up to 0); distillation epochs count from 0, as without
+    the stage. The engine logs the stage (metrics rows with ``"stage": "init"``, TensorBoard
+    ``init/...``) and resumes it exactly.
 
     **Learning rate.** ``lr_scale`` (spec key, default 1) multiplies the learning rate of the term's own
     parameters (in both stages); the student's parameters always take the spec's rate.
@@ -183,34 +185,6 @@ class Term(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, pairs={self.pairs}"
-
-
-def gather(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Each tensor concatenated along dim 0 over all processes, in rank order (no gradient).
-
-    The same on every process; the tensors themselves in a single process. Shapes may differ in dim 0
-    between processes. Call it from every process at the same point (inside a term's forward is fine).
-    """
-    import torch.distributed as dist
-
-    from ..distributed import world as world_size
-
-    world = world_size()
-    if world == 1:
-        return tuple(t.detach() for t in tensors)
-    first = tensors[0]
-    sizes = [torch.zeros(1, dtype=torch.long, device=first.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([first.shape[0]], device=first.device))
-    sizes = [int(n) for n in sizes]
-    out = []
-    for t in tensors:
-        t = t.detach()
-        padded = t.new_zeros((max(sizes),) + tuple(t.shape[1:]))
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
-    return tuple(out)
 
 
 class FeatureTerm(Term):
@@ -567,7 +541,7 @@ class CRD(Term):
         v_s = _unit_rows(self.embed_student(out.feats[s].flatten(1)).float())
         v_t = _unit_rows(self.embed_teacher(out.teacher_feats[t].flatten(1)).float())
         index = out.index.long()
-        all_index, all_s, all_t = gather(index, v_s, v_t)
+        all_index, all_s, all_t = gather_tensors(index, v_s, v_t)
         idx = self.contrast_indices(index, all_index)
         s_rows, t_rows = self.student_bank[idx], self.teacher_bank[idx]
         if self.z[0] < 0:  # the authors' constants: the first batch's mean score (over every process) times N
@@ -581,7 +555,7 @@ class CRD(Term):
     @torch.no_grad()
     def _first_normalisers(self, v_s, v_t, s_rows, t_rows) -> list[float]:
         scores = [KF.crd_scores(v_s, t_rows, self.temperature), KF.crd_scores(v_t, s_rows, self.temperature)]
-        sums, counts = gather(torch.stack([x.sum() for x in scores])[None],
+        sums, counts = gather_tensors(torch.stack([x.sum() for x in scores])[None],
                               torch.tensor([[scores[0].numel()]], device=v_s.device))
         if sums.shape[0] == 1:  # one process: exactly the authors' mean()
             return [float(KF.crd_normaliser(x, self.student_bank.shape[0])) for x in scores]
