@@ -381,6 +381,40 @@ def np_srrl(s, t, regressed, teacher_logits):
     return float(np.mean((s_pooled - t_pooled) ** 2) + np.mean((regressed - teacher_logits) ** 2))
 
 
+def np_ft(s, t):
+    s, t = s.reshape(len(s), -1), t.reshape(len(t), -1)
+    s = s / np.linalg.norm(s, axis=1, keepdims=True)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return float(np.mean(np.abs(s - t)))
+
+
+def np_fsp_matrix(a, c):
+    b, ca, h, w = a.shape
+    return np.array([[[sum(a[n, i, y, x] * c[n, j, y, x] for y in range(h) for x in range(w)) / (h * w)
+                       for j in range(c.shape[1])] for i in range(ca)] for n in range(b)])
+
+
+def np_avg_pool2(x):
+    """2x2 average pooling (what adaptive pooling does from 2H x 2W to H x W)."""
+    return (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]) / 4
+
+
+def np_fsp(s1, s2, t1, t2):
+    g_s = np_fsp_matrix(np_avg_pool2(s1), s2)  # the first maps are twice as large: pooled
+    g_t = np_fsp_matrix(np_avg_pool2(t1), t2)
+    return float(np.mean((g_s - g_t) ** 2))
+
+
+def np_ab(s, t, margin=1.0):
+    total = 0.0
+    for sv, tv in zip(np.ravel(s), np.ravel(t)):
+        if tv <= 0 and sv > -margin:
+            total += (sv + margin) ** 2
+        elif tv > 0 and sv <= margin:
+            total += (sv - margin) ** 2
+    return total / len(s)
+
+
 _RNG = np.random.default_rng(14)
 _S, _T = _RNG.normal(size=(5, 7)) * 3, _RNG.normal(size=(5, 7)) * 3
 _Y = np.array([0, 3, 6, 3, 1])
@@ -388,6 +422,12 @@ _MU, _FT, _VAR = _RNG.normal(size=(2, 3, 2, 2)), _RNG.normal(size=(2, 3, 2, 2)),
 _ES, _ET = _RNG.normal(size=(4, 6)), _RNG.normal(size=(4, 6))
 _FS, _FTM = _RNG.normal(size=(3, 4, 2, 2)), _RNG.normal(size=(3, 4, 2, 2))
 _ZR, _ZT = _RNG.normal(size=(3, 5)), _RNG.normal(size=(3, 5))
+
+_F1, _F2 = _RNG.normal(size=(3, 4, 2, 2)), _RNG.normal(size=(3, 4, 2, 2))
+_S1, _S2, _T1, _T2 = (_RNG.normal(size=(2, 3, 4, 4)), _RNG.normal(size=(2, 2, 2, 2)), _RNG.normal(size=(2, 3, 4, 4)),
+                      _RNG.normal(size=(2, 2, 2, 2)))
+_AS, _AT = _RNG.normal(size=(2, 3, 2, 2)) * 2, _RNG.normal(size=(2, 3, 2, 2))
+assert np.min(np.abs(np.abs(_AS) - 1.0)) > 1e-3  # no student value on a margin: the loss is smooth there
 
 # (name, kdgraph function, numpy reference, inputs, indices of the inputs to differentiate)
 FIDELITY = [
@@ -402,6 +442,9 @@ FIDELITY = [
     ("cc-code", KF.cc, np_cc_code, (_ES, _ET), (0,)),
     ("cc-paper", lambda s, t: KF.cc(s, t, form="paper"), np_cc_paper, (_ES, _ET[:, :4]), (0,)),
     ("srrl", KF.srrl, np_srrl, (_FS, _FTM, _ZR, _ZT), (0, 2)),
+    ("ft", KF.ft, np_ft, (_F1, _F2), (0,)),
+    ("fsp", KF.fsp, np_fsp, (_S1, _S2, _T1, _T2), (0, 1)),
+    ("ab", KF.ab, np_ab, (_AS, _AT), (0,)),
 ]
 
 
@@ -487,6 +530,10 @@ LOSSES = [
     ("cc", KF.cc, (4, 8), (4, 8)),
     ("cc-paper", lambda s, t: KF.cc(s, t, form="paper"), (4, 8), (4, 16)),
     ("srrl", lambda s, t: KF.srrl(s, t, _pool_head(s), _pool_head(t)), (4, 3, 4, 4), (4, 3, 4, 4)),
+    ("ft", KF.ft, (4, 3, 4, 4), (4, 3, 4, 4)),
+    ("fsp", lambda s, t: KF.fsp(s, s.flip(1), t, t.flip(1)), (4, 3, 4, 4), (4, 3, 4, 4)),
+    # ab is zero where the student is beyond the margin on the teacher's side: s + 2 sign(s) is, where t = s
+    ("ab", lambda s, t: KF.ab(s + 2 * s.sign(), t), (4, 3, 4, 4), (4, 3, 4, 4)),
 ]
 
 
@@ -495,7 +542,11 @@ def _pool_head(feat):
     weight = torch.linspace(-1, 1, 15, dtype=feat.dtype, device=feat.device).view(5, 3)
     with torch.autocast(feat.device.type, enabled=False):  # the head is not under test: keep it exact
         return feat.mean(dim=(2, 3)) @ weight.t()
+
+
 LOSS_PARAMS = [pytest.param(loss, s_shape, t_shape, id=name) for name, loss, s_shape, t_shape in LOSSES]
+# ab reads the teacher only through the sign of its pre-activations: no gradient path to check there
+TEACHER_GRAD_PARAMS = [p for p in LOSS_PARAMS if p.id != "ab"]
 
 
 def _inputs(s_shape, t_shape, seed=0):
@@ -515,7 +566,7 @@ def test_returns_positive_float32_scalar(loss, s_shape, t_shape):
     assert value.shape == () and value.dtype == torch.float32 and value.item() > 0
 
 
-@pytest.mark.parametrize("loss, s_shape, t_shape", LOSS_PARAMS)
+@pytest.mark.parametrize("loss, s_shape, t_shape", TEACHER_GRAD_PARAMS)
 def test_gradients_reach_student_and_teacher_is_not_detached(loss, s_shape, t_shape):
     s, t = _inputs(s_shape, t_shape)
     s.requires_grad_()
@@ -583,6 +634,10 @@ SHAPE_ERRORS = [
     ("cc-form", lambda: KF.cc(R(3, 4), R(3, 4), form="taylor"), "form"),
     ("srrl", lambda: KF.srrl(R(2, 3, 4, 4), R(2, 5, 4, 4), R(2, 6), R(2, 6)), "shapes must match"),
     ("srrl-logits", lambda: KF.srrl(R(2, 3, 4, 4), R(2, 3, 4, 4), R(2, 6), R(2, 7)), "shapes must match"),
+    ("ft", lambda: KF.ft(R(2, 3, 4, 4), R(2, 3, 2, 2)), "as many values"),
+    ("fsp", lambda: KF.fsp(R(2, 3, 4, 4), R(2, 2, 2, 2), R(2, 4, 4, 4), R(2, 2, 2, 2)), "channel counts"),
+    ("fsp-3d", lambda: KF.fsp(R(2, 3, 4), R(2, 2, 2), R(2, 3, 4), R(2, 2, 2)), "fsp_matrix"),
+    ("ab", lambda: KF.ab(R(2, 3, 4, 4), R(2, 3, 2, 2)), "shapes must match"),
 ]
 
 

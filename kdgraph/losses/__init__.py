@@ -14,7 +14,7 @@ from ..registry import Registry
 from . import functional
 from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
 from .terms import CRD, ReviewKD
-from .terms import CC, DIST, SRRL, VID  # methods-B
+from .terms import AB, CC, DIST, FSP, FT, SRRL, VID  # methods-B
 
 LOSSES = Registry("loss method")
 for _name, _cls in [("ce", CE), ("kd", KD), ("dkd", DKD), ("at", AT), ("sp", SP), ("fitnet", FitNet),
@@ -22,7 +22,8 @@ for _name, _cls in [("ce", CE), ("kd", KD), ("dkd", DKD), ("at", AT), ("sp", SP)
     LOSSES.register(_name)(_cls)
 for _name, _cls in [("crd", CRD), ("reviewkd", ReviewKD)]:  # stateful methods: memory bank, fusion pyramid
     LOSSES.register(_name)(_cls)
-for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL)]:  # methods-B
+for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL), ("ft", FT), ("fsp", FSP),
+                    ("ab", AB)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
 __all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "term_params"]
@@ -75,6 +76,9 @@ def _auto(rows: list[dict], term, student: bool = False) -> list[str]:
         return ends[-1:]
     if term.auto == "middle":
         return ends[len(ends) // 2: len(ends) // 2 + 1]
+    if term.auto == "input+all":  # the first stage's input (when a block starts it) and every stage end
+        first = next((r for r in rows if ends and r["name"] == ends[0]), None)
+        return [ends[0] + PRE] + ends if first is not None and first["kind"] == "block" else ends
     if term.auto == "all+embedding":
         embedding = _embedding(rows)
         return ends + embedding if ends and embedding else []

@@ -80,3 +80,44 @@ class ABF(nn.Module):
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, tuple(out_size), mode="nearest")
         return self.conv2(x), x
+
+
+# ------------------------------------------------------------------- methods-B: factor transfer (Kim et al. 2018)
+def _conv_stack(channels: list[int], transpose: bool = False) -> nn.Sequential:
+    """3x3 (transposed) convolutions with biases, each followed by LeakyReLU(0.1), through ``channels``."""
+    conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [conv(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers)
+
+
+class Paraphraser(nn.Module):
+    """The teacher-side autoencoder of factor transfer: C -> C -> kC -> kC (the factor) -> kC -> C -> C.
+
+    Three 3x3 convolutions encode, three 3x3 transposed convolutions decode, each followed by
+    LeakyReLU(0.1), no BatchNorm, PyTorch's default init (the authors' code). ``forward`` returns the
+    reconstruction, :meth:`encode` the factor.
+    """
+
+    def __init__(self, channels: int, factor_channels: int):
+        super().__init__()
+        self.encoder = _conv_stack([channels, channels, factor_channels, factor_channels])
+        self.decoder = _conv_stack([factor_channels, factor_channels, channels, channels], transpose=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class Translator(nn.Module):
+    """The student-side encoder of factor transfer: C_s -> C_s -> kC_t -> kC_t, 3x3 convs + LeakyReLU(0.1)."""
+
+    def __init__(self, channels: int, factor_channels: int):
+        super().__init__()
+        self.encoder = _conv_stack([channels, channels, factor_channels, factor_channels])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)

@@ -26,7 +26,7 @@ __all__ = [
     "kd", "at", "sp", "margin_from_bn", "overhaul", "fitnet", "dkd", "pkt",
     "rkd", "rkd_distance", "rkd_angle", "nst",
     # methods-B
-    "logit_standardize", "dist", "vid", "cc", "srrl",
+    "logit_standardize", "dist", "vid", "cc", "srrl", "ft", "fsp_matrix", "fsp", "ab",
 ]
 
 # Below this probability of the pre-activation being negative, the truncated mean is replaced by -3|gamma|
@@ -659,3 +659,78 @@ def srrl(
                          f"({tuple(regressed_logits.shape)}, {tuple(student_feat.shape)})")
     feature_part = (s_pooled - t_pooled).pow(2).mean()
     return feature_weight * feature_part + regression_weight * F.mse_loss(regressed_logits, teacher_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# methods-B: the methods with a pre-training stage (FT, FSP, AB)
+
+@_in_float32
+def ft(student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
+    """mean |normalize(F_s) - normalize(F_t)| -- Kim et al. 2018, "Paraphrasing Complex Network" (factor transfer).
+
+    Takes the student's factor (its translator's output) and the teacher's (its paraphraser's encoder
+    output), each sample flattened and L2-normalised; same batch and element count per sample. The
+    authors' code averages the absolute differences (``nn.L1Loss``; the paper writes the p = 1 norm of
+    the difference, a sum) and weights it by 500. RepDistiller instead normalises the channel mean of the
+    squared factors (an attention map) and weights it 200; kdgraph follows the authors.
+    """
+    _require_same_batch("ft", student_factor, teacher_factor)
+    s, t = student_factor.flatten(1), teacher_factor.flatten(1)
+    if s.shape != t.shape:
+        raise ValueError(f"ft: the factors must hold as many values per sample "
+                         f"({_shapes(student_factor, teacher_factor)})")
+    return (F.normalize(s, dim=1) - F.normalize(t, dim=1)).abs().mean()
+
+
+def _pool_to_smaller(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool the larger of two (batch, C, H, W) maps to the other's spatial size."""
+    if a.shape[2] * a.shape[3] > b.shape[2] * b.shape[3]:
+        return F.adaptive_avg_pool2d(a, b.shape[2:]), b
+    if a.shape[2] * a.shape[3] < b.shape[2] * b.shape[3]:
+        return a, F.adaptive_avg_pool2d(b, a.shape[2:])
+    return a, b
+
+
+def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
+    """G[b, i, j] = mean over positions of first[b, i] * second[b, j] -- Yim et al. 2017's FSP matrix.
+
+    Takes two (batch, C, H, W) maps of one model; the larger map is adaptive-average-pooled to the
+    smaller one's size first (RepDistiller). Returns (batch, C_first, C_second).
+    """
+    if first.dim() != 4 or second.dim() != 4 or first.shape[0] != second.shape[0]:
+        raise ValueError(f"fsp_matrix: expected two (batch, C, H, W) maps of one batch, got "
+                         f"{tuple(first.shape)} and {tuple(second.shape)}")
+    first, second = _pool_to_smaller(first, second)
+    return first.flatten(2) @ second.flatten(2).transpose(1, 2) / (first.shape[2] * first.shape[3])
+
+
+@_in_float32
+def fsp(student_first: Tensor, student_second: Tensor, teacher_first: Tensor, teacher_second: Tensor) -> Tensor:
+    """mean((G_s - G_t)^2), G = FSP matrix of two positions -- Yim et al. 2017, "A Gift from Knowledge Distillation".
+
+    Takes the student's and the teacher's maps at the same two positions, (batch, C, H, W) each; the
+    channel counts of student and teacher must agree at each position. The paper sums the squared
+    differences (L2 norm squared) and averages over samples; kdgraph takes the element mean, as
+    RepDistiller (the authors published no PyTorch code).
+    """
+    g_s, g_t = fsp_matrix(student_first, student_second), fsp_matrix(teacher_first, teacher_second)
+    if g_s.shape != g_t.shape:
+        raise ValueError(f"fsp: student and teacher FSP matrices differ ({tuple(g_s.shape)}, {tuple(g_t.shape)}): "
+                         f"their channel counts must agree at both positions")
+    return (g_s - g_t).pow(2).mean()
+
+
+@_in_float32
+def ab(student_pre: Tensor, teacher_pre: Tensor, margin: float = 1.0) -> Tensor:
+    """sum((s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]) / b -- Heo et al. 2019, "Activation Boundaries".
+
+    Takes pre-activation features of equal shape (batch, ...), the student's through its connector: the
+    student is pushed below -m where the teacher's neuron is off and above m where it is on (the
+    paper's hinge-like "alternative loss", margin m = 1 in the authors' code), summed over neurons and
+    averaged over the batch.
+    """
+    _require_same_shape("ab", student_pre, teacher_pre)
+    on = teacher_pre > 0
+    off_part = (student_pre + margin).pow(2) * ((student_pre > -margin) & ~on)
+    on_part = (student_pre - margin).pow(2) * ((student_pre <= margin) & on)
+    return (off_part + on_part).sum() / student_pre.shape[0]

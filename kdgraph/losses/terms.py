@@ -34,7 +34,7 @@ from torch import Tensor
 from ..distributed import gather_tensors
 from ..errors import UserError
 from . import functional as KF
-from .connectors import ABF, Align
+from .connectors import ABF, Align, Paraphraser, Translator
 
 
 @dataclass
@@ -798,3 +798,110 @@ def _head(root: nn.Module, start: fx.Node, tap: str) -> fx.GraphModule:
                                 f"the position whose value the teacher's pooling and classifier read")
         env[node] = graph.node_copy(node, env.__getitem__)
     raise UserError(f"srrl: no output after {tap!r} in the teacher's graph")
+
+
+# -------------------------------------------------------------- methods-B: ft, fsp, ab (a pre-training stage)
+class FT(FeatureTerm):
+    """Kim et al. 2018 (factor transfer): mean |normalize(T(s)) - normalize(P(t))| between factors.
+
+    At the final feature map (``positions: auto``), a paraphraser P (an autoencoder, factor channels =
+    ``rate`` x the teacher's) is pre-trained for ``init_epochs`` to reconstruct the teacher's feature
+    (L1, the authors' code); during distillation it is frozen and its encoder gives the teacher's
+    factor, while the student's translator T trains with the student. Weight 500 and the L1 losses are
+    the authors' (RepDistiller: MSE reconstruction, an attention-map factor and weight 200). The stage's
+    length is RepDistiller's 30 epochs (the authors' script trains the paraphraser for 6).
+    """
+
+    default_weight = 500.0
+    auto = "final"
+    init_epochs = 30
+    connect_channels = False
+    match_spatial = False
+
+    def __init__(self, weight=None, warmup_epochs=0.0, rate: float = 0.5):
+        super().__init__(weight, warmup_epochs)
+        if not 0 < rate:
+            raise ValueError(f"rate must be positive, got {rate}")
+        self.rate = float(rate)
+
+    def setup(self, ctx: Setup) -> None:
+        self.paraphrasers, self.translators, self.align = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for t, s in self.pairs:
+            s_shape, t_shape = ctx.student_shapes[s], ctx.teacher_shapes[t]
+            if len(s_shape) != 3 or len(t_shape) != 3:
+                raise UserError(f"ft works on feature maps; got shapes {s_shape} and {t_shape} at {t!r}, {s!r}")
+            k = max(1, int(round(t_shape[0] * self.rate)))
+            self.paraphrasers.append(Paraphraser(t_shape[0], k))
+            self.translators.append(Translator(s_shape[0], k))
+            self.align.append(Align((k,) + tuple(s_shape[1:]), (k,) + tuple(t_shape[1:]), channels=False))
+
+    def init_loss(self, out: Outputs) -> Tensor:
+        return sum(F.l1_loss(p(out.teacher_feats[t]), out.teacher_feats[t])
+                   for (t, _), p in zip(self.pairs, self.paraphrasers))
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        return list(self.paraphrasers.parameters())
+
+    def forward(self, out: Outputs) -> Tensor:
+        total = 0.0
+        for (t, s), paraphraser, translator, align in zip(self.pairs, self.paraphrasers, self.translators, self.align):
+            with torch.no_grad():
+                factor_t = paraphraser.encode(out.teacher_feats[t])
+            total = total + KF.ft(*align(translator(out.feats[s]), factor_t))
+        return total
+
+
+class FSP(FeatureTerm):
+    """Yim et al. 2017: sum over consecutive positions of mean((G_s - G_t)^2), G the FSP matrix.
+
+    ``positions: auto`` are the first stage's input and every stage end: one FSP matrix per stage. As
+    the paper and RepDistiller, the term acts in a pre-training stage (``init_epochs``, 30 as RepDistiller)
+    that trains the student's layers; afterwards its weight is 0 (logged, not trained on; set a weight
+    to keep it). Where student and teacher channel counts differ, a 1x1 conv + BN projects the student's
+    map (kdgraph's addition: the paper and RepDistiller require equal counts).
+    """
+
+    default_weight = 0.0
+    auto = "input+all"
+    init_epochs = 30
+    match_spatial = False  # FSP matrices are channels x channels whatever the maps' sizes
+
+    def setup(self, ctx: Setup) -> None:
+        if len(self.pairs) < 2:
+            raise UserError(f"fsp relates consecutive positions: it needs at least 2, got {self.pairs}")
+        super().setup(ctx)
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        return list(self.parameters()) + list(student.parameters())
+
+    def forward(self, out: Outputs) -> Tensor:
+        maps = list(self.pairs_of(out))
+        return sum(KF.fsp(s1, s2, t1, t2) for (s1, t1), (s2, t2) in zip(maps, maps[1:]))
+
+
+class AB(FeatureTerm):
+    """Heo et al. 2019 (AAAI): activation-boundary transfer, sum_i 2^-(N-1-i) * ab(r(s_i), t_i) * 3/1000.
+
+    On the pre-ReLU stage ends, through 1x1 conv + BN connectors where channels differ, in a
+    pre-training stage (``init_epochs``, 30 as RepDistiller) that trains the student's layers and the
+    connectors; afterwards its weight is 0, as the authors (who then train with the task loss). The
+    factor 3/1000, the per-position weights and the margin 1 are the authors' CIFAR code, as is the
+    teacher's BatchNorm on batch statistics during the transfer (RepDistiller keeps it in eval mode).
+    """
+
+    default_weight = 0.0
+    features = "pre"
+    init_epochs = 30
+    teacher_bn_train = True
+
+    def __init__(self, weight=None, warmup_epochs=0.0, margin: float = 1.0):
+        super().__init__(weight, warmup_epochs)
+        self.margin = float(margin)
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        return list(self.parameters()) + list(student.parameters())
+
+    def forward(self, out: Outputs) -> Tensor:
+        n = len(self.pairs)
+        total = sum(KF.ab(s, t, self.margin) / 2 ** (n - 1 - i) for i, (s, t) in enumerate(self.pairs_of(out)))
+        return total * 3e-3
