@@ -33,7 +33,8 @@ PARAMS_HEADERS = ["parameter", "value", "default"]
 PAIRS_HEADERS = ["teacher", "student"]
 LAYER_HEADERS = ["name", "op", "kind", "shape"]
 AUTO_RULES = {"all": "one per stage", "last": "the last stage", "middle": "the middle stage",
-              "embedding": "the input of the last Linear layer", "final": "the map the global pooling reads"}
+              "embedding": "the input of the last Linear layer", "final": "the map the global pooling reads",
+              "input+all": "the first stage's input and one per stage"}
 TERM_KEYS = ("method", "weight", "params", "positions", "pairs")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.+=-]+\.ya?ml$")
 # torch.fx tracing patches module globals while it runs: one model is built and traced at a time
