@@ -37,6 +37,9 @@ per-sample torchvision transforms in ``workers`` processes; ``tensor`` is a
 :class:`~kdgraph.data.tensor.TensorLoader` holding the whole data set on the training device and augmenting
 it there in batches (CIFAR-sized data sets; see :mod:`kdgraph.data.tensor` for which data sets it takes and
 the ``tensor_source()`` hook for your own).
+
+``data.labels`` (``{fraction: 0.05}`` or ``{count: N}``) keeps the labels of a stratified, seeded subset
+of the training samples and marks the others :data:`UNLABELLED` (see :mod:`kdgraph.data.labels`).
 """
 from __future__ import annotations
 
@@ -52,10 +55,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..distributed import rank as _rank, world as _world
 from ..errors import UserError, did_you_mean
 from .base import DATASETS, DatasetInfo
+from .labels import UNLABELLED, PartialLabels, dataset_targets, hide_labels, labelled_subset
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
 
-__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "build_datasets", "build_loaders", "seed_worker",
-           "train_targets"]
+__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "UNLABELLED", "build_datasets", "build_loaders",
+           "seed_worker", "train_targets"]
 
 _BUILDER_ARGS = ("root", "train", "augment", "download")
 
@@ -97,6 +101,8 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
     With ``loader: tensor`` both are :class:`~kdgraph.data.tensor.TensorLoader` s whose data and batches live
     on ``device`` (default: the CPU); the ``workers`` loaders ignore ``device`` (batches come on the CPU).
     With ``indices`` the training loader yields ``(x, y, index)`` (each sample's index in the training set).
+    With ``labels``, the training loader's ``labelled`` attribute is the (N,) mask of the samples that keep
+    their label (the others come with the target :data:`UNLABELLED`); it is None otherwise.
     """
     kind = cfg.get("loader") or "workers"
     if kind not in LOADERS:
@@ -115,9 +121,15 @@ def build_loaders(cfg: Mapping[str, Any], *, seed: int = 0, distributed: bool = 
                   pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
                   persistent_workers=workers > 0 and (persistent is None or bool(persistent)))
 
-    train_loader = DataLoader(SeededDataset(train_set, indices=indices), batch_size=batch_size, sampler=EpochSampler(
+    train_data, labelled = SeededDataset(train_set, indices=indices), None
+    if cfg.get("labels"):
+        targets = dataset_targets(train_set)
+        labelled = _labelled(cfg, targets, seed)
+        train_data = PartialLabels(train_data, targets, labelled)
+    train_loader = DataLoader(train_data, batch_size=batch_size, sampler=EpochSampler(
         len(train_set), seed=seed, shuffle=True, rank=rank, world=world, seeds=True), drop_last=False,
         generator=torch.Generator().manual_seed(seed + rank), **common)
+    train_loader.labelled = labelled
     test_loader = DataLoader(test_set, batch_size=test_batch_size, sampler=EpochSampler(
         len(test_set), shuffle=False, rank=rank, world=world),
         generator=torch.Generator().manual_seed(seed), **common)
@@ -136,9 +148,13 @@ def _tensor_loaders(cfg, train_set, test_set, info: DatasetInfo, batch_size: int
         if tuple(source.images.shape[1:]) != tuple(info.input_shape):
             raise UserError(f"loader: tensor: {name} holds images of shape {tuple(source.images.shape[1:])}, "
                             f"not the dataset's input_shape {tuple(info.input_shape)}; use `loader: workers`")
+        labelled = _labelled(cfg, source.targets, seed) if shuffle and cfg.get("labels") else None
+        if labelled is not None:
+            source = dataclasses.replace(source, targets=hide_labels(source.targets, labelled))
         sampler = EpochSampler(len(source.images), seed=seed, shuffle=shuffle, rank=rank, world=world)
         loaders.append(TensorLoader(source, size, sampler, device=device, dataset=dataset, indices=indices and shuffle,
                                     generator=torch.Generator().manual_seed(seed + rank if shuffle else seed)))
+        loaders[-1].labelled = labelled
     return loaders
 
 
@@ -157,6 +173,14 @@ def train_targets(loader) -> torch.Tensor | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return targets if len(targets) == len(loader.dataset) else None
+
+
+def _labelled(cfg: Mapping[str, Any], targets: torch.Tensor, seed: int) -> torch.Tensor:
+    """The mask of the training samples that keep their label under ``cfg["labels"]``."""
+    labels = cfg["labels"]
+    chosen = labels.get("seed")
+    return labelled_subset(targets, fraction=labels.get("fraction"), count=labels.get("count"),
+                           seed=seed if chosen is None else chosen)
 
 
 class EpochSampler(torch.utils.data.Sampler):

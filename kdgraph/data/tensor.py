@@ -272,6 +272,7 @@ class TensorLoader:
     """
 
     drop_last = False
+    labelled = None  # build_loaders: the mask of the training samples that keep their label (data.labels)
     num_workers = 0
     pin_memory = False
     persistent_workers = False

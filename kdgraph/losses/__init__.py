@@ -12,6 +12,7 @@ from ..errors import UserError, did_you_mean
 from ..graph import PRE, stage_ends
 from ..registry import Registry
 from . import functional
+from .functional import UNLABELLED
 from .terms import AT, CE, DKD, KD, NST, PKT, RKD, SP, FeatureTerm, FitNet, MarginReLU, Outputs, Setup, Term
 from .terms import CRD, ReviewKD
 from .terms import AB, CC, DIST, FSP, FT, SRRL, VID  # methods-B
@@ -26,7 +27,8 @@ for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL), ("
                     ("ab", AB)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
-__all__ = ["LOSSES", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "term_params"]
+__all__ = ["LOSSES", "UNLABELLED", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional",
+           "term_params"]
 
 _COMMON = {"method", "weight", "positions", "warmup_epochs"}
 _FRAMEWORK = ("init_epochs", "lr_scale")  # keys every term takes, set as attributes after construction
@@ -110,10 +112,11 @@ def _final_map(rows: list[dict]) -> list[str]:
 
 
 def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_rows: list[dict] | None,
-                has_teacher: bool) -> tuple[list[Term], list[tuple[tuple, str]]]:
+                has_teacher: bool, has_labels: bool = True) -> tuple[list[Term], list[tuple[tuple, str]]]:
     """Terms for a spec's ``loss`` list, and the problems found as ``(key path, message)``.
 
     ``*_rows`` are :func:`kdgraph.layers` tables; with ``None`` the positions are not checked.
+    ``has_labels=False`` (no training sample keeps its label) refuses the terms that need labels.
     """
     terms, problems = [], []
     for i, cfg in enumerate(loss):
@@ -145,6 +148,9 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
         if term.needs_teacher and not has_teacher:
             problems.append((path + ("method",), f"{cfg['method']} distils from a teacher, but the spec has no "
                                                  f"`teacher:` (remove the term to train the student alone)"))
+        if term.needs_labels and not has_labels:
+            problems.append((path + ("method",), f"{cfg['method']} learns from labels, but data.labels keeps none "
+                                                 f"(keep some, or distil with teacher-based terms only)"))
         positions = cfg.get("positions")
         if term.features is None:
             if positions is not None:

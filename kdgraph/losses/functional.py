@@ -9,6 +9,9 @@ Conventions shared by every function here:
   autocast region returns the same float32 value as outside it. Half-precision inputs are promoted.
 * Shape mismatches that would otherwise broadcast silently raise ``ValueError`` naming both shapes.
   Resizing or projecting features (connectors, pooling) is the caller's job.
+* A sample without a label has the target :data:`UNLABELLED` (-100, torch's ``ignore_index`` default).
+  Functions that take a ``target`` average over the labelled samples only (:func:`labelled_mean`) and
+  return 0, still attached to the graph, for a batch with none.
 
 Where a paper and its authors' code differ, the code form is used (it is what the published weights
 were tuned for); each docstring says which.
@@ -23,11 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "UNLABELLED", "labelled_mean", "cross_entropy",
     "kd", "at", "sp", "margin_from_bn", "overhaul", "fitnet", "dkd", "pkt",
     "rkd", "rkd_distance", "rkd_angle", "nst",
     # methods-B
     "logit_standardize", "dist", "vid", "cc", "srrl", "ft", "fsp_matrix", "fsp", "ab",
 ]
+
+UNLABELLED = -100
+"""The target of a training sample whose label is not used (``data.labels``): torch's ``ignore_index`` default,
+so ``F.cross_entropy(logits, target)`` already skips such samples."""
 
 # Below this probability of the pre-activation being negative, the truncated mean is replaced by -3|gamma|
 # (Heo et al.'s official code).
@@ -96,8 +104,40 @@ def _require_positive_temperature(name: str, temperature: float) -> None:
         raise ValueError(f"{name}: temperature must be positive, got {temperature}")
 
 
+def labelled_mean(values: Tensor, target: Tensor) -> Tensor:
+    """The mean of per-sample ``values`` (batch,) over the samples whose ``target`` is not :data:`UNLABELLED`.
+
+    A batch without a labelled sample gives 0 (not the NaN of an empty mean), with a zero gradient, so a
+    training step on it still runs. Nothing is synchronised with the host::
+
+        per_sample = F.cross_entropy(logits, target, reduction="none")   # 0 where target == UNLABELLED
+        loss = labelled_mean(per_sample, target)
+    """
+    if values.shape != target.shape:
+        raise ValueError(f"labelled_mean: one value per sample expected, got values {tuple(values.shape)} "
+                         f"and target {tuple(target.shape)}")
+    labelled = target != UNLABELLED
+    return torch.where(labelled, values, 0.0).sum() / labelled.sum().clamp_min(1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # logit losses
+
+@_in_float32
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """-log softmax(s)_y, averaged over the labelled samples -- the supervised term of every recipe.
+
+    Takes (batch, classes) logits and integer labels of shape (batch,); samples whose label is
+    :data:`UNLABELLED` are left out, and a batch without labels gives 0 (see :func:`labelled_mean`).
+    With every sample labelled this is ``F.cross_entropy(logits, target, label_smoothing=...)``.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: expected (batch, classes) logits and (batch,) labels, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    per_sample = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="none",
+                                 label_smoothing=label_smoothing)
+    return labelled_mean(per_sample, target)
+
 
 @_in_float32
 def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
@@ -151,7 +191,8 @@ def dkd(
     The official code drops the target class from the NCKD softmax by subtracting ``1000 * gt_mask``
     from the logits; here the target logit is removed outright, which is the exact limit of that form
     and cannot overflow in half precision. With ``standardize`` both logits first go through
-    :func:`logit_standardize` (Sun et al. 2024).
+    :func:`logit_standardize` (Sun et al. 2024). Both parts need the label: samples whose target is
+    :data:`UNLABELLED` are left out (the mean is over the labelled samples; 0 for a batch without any).
     """
     _require_logits("dkd", student_logits, teacher_logits)
     _require_positive_temperature("dkd", temperature)
@@ -163,7 +204,8 @@ def dkd(
             f"dkd: target must hold one integer label per sample, shape ({b},); got "
             f"{tuple(target.shape)} {target.dtype}"
         )
-    target_mask = F.one_hot(target.long(), num_classes).bool()
+    target = target.long()
+    target_mask = F.one_hot(torch.where(target == UNLABELLED, 0, target), num_classes).bool()
     if standardize:
         student_logits, teacher_logits = _standardize_pair("dkd", student_logits, teacher_logits)
 
@@ -171,14 +213,14 @@ def dkd(
     z_t = teacher_logits / temperature
     tckd = F.kl_div(
         _binary_log_probs(z_s, target_mask), _binary_log_probs(z_t, target_mask),
-        reduction="batchmean", log_target=True,
-    )
+        reduction="none", log_target=True,
+    ).sum(1)
     nckd = F.kl_div(
         F.log_softmax(_non_target(z_s, target_mask), dim=1),
         F.log_softmax(_non_target(z_t, target_mask), dim=1),
-        reduction="batchmean", log_target=True,
-    )
-    return (alpha * tckd + beta * nckd) * temperature**2
+        reduction="none", log_target=True,
+    ).sum(1)
+    return labelled_mean(alpha * tckd + beta * nckd, target) * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 A term holds its state (connectors, margins, memory banks) and calls the pure math of
 :mod:`kdgraph.losses.functional`. The protocol a user's term follows (``method: package.module:Name``):
 
-* subclass :class:`Term` (or follow its attributes): ``needs_teacher``, ``features`` (``None`` for logit
-  methods; ``"out"`` or ``"pre"`` for feature methods: what ``positions: auto`` picks), ``auto``
-  (``"all"``, ``"last"``, ``"middle"`` or ``"embedding"``) and ``default_weight``;
+* subclass :class:`Term` (or follow its attributes): ``needs_teacher``, ``needs_labels``, ``features``
+  (``None`` for logit methods; ``"out"`` or ``"pre"`` for feature methods: what ``positions: auto``
+  picks), ``auto`` (``"all"``, ``"last"``, ``"middle"`` or ``"embedding"``) and ``default_weight``;
 * take its parameters as keyword arguments of ``__init__`` (they are the spec keys of the term);
 * optionally override ``setup(ctx)`` (called once, after the teacher is loaded, with the traced shapes);
 * implement ``forward(out: Outputs) -> Tensor``, the *unweighted* loss. :class:`kdgraph.Distiller`
@@ -13,10 +13,10 @@ A term holds its state (connectors, margins, memory banks) and calls the pure ma
   term separately.
 
 What the framework offers a term beyond that (see :class:`Term`): the dataset index of every sample
-(``out.index``), state saved in checkpoints (buffers), state kept equal across processes
-(:func:`kdgraph.distributed.gather_tensors` and ``synced_buffers``), a pre-training stage of its own (``init_epochs``,
-:meth:`Term.init_loss`, :meth:`Term.init_parameters`) and a learning-rate multiplier for its own
-parameters (``lr_scale``).
+(``out.index``), which samples carry a label (``out.labelled``, ``needs_labels``), state saved in
+checkpoints (buffers), state kept equal across processes (:func:`kdgraph.distributed.gather_tensors` and
+``synced_buffers``), a pre-training stage of its own (``init_epochs``, :meth:`Term.init_loss`,
+:meth:`Term.init_parameters`) and a learning-rate multiplier for its own parameters (``lr_scale``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_tensors
@@ -42,12 +41,17 @@ class Outputs:
     """What a term sees at each step."""
 
     logits: Tensor
-    target: Tensor
+    target: Tensor                                                    # UNLABELLED (-100) where unlabelled
     feats: dict[str, Tensor] = field(default_factory=dict)           # student taps
     teacher_logits: Tensor | None = None
     teacher_feats: dict[str, Tensor] = field(default_factory=dict)   # teacher taps
     epoch: float = 0.0                                                # fractional epoch (< 0: init stage)
     index: Tensor | None = None   # (batch,) int64: each sample's index in the training set (None: not given)
+
+    @property
+    def labelled(self) -> Tensor:
+        """(batch,) bool: the samples that carry a label (``target != UNLABELLED``)."""
+        return self.target != KF.UNLABELLED
 
 
 @dataclass
@@ -129,6 +133,13 @@ class Term(nn.Module):
     the stage. The engine logs the stage (metrics rows with ``"stage": "init"``, TensorBoard
     ``init/...``) and resumes it exactly.
 
+    **Labels.** Under ``data.labels`` the samples whose label is not kept come with the target
+    ``UNLABELLED`` (-100, torch's ``ignore_index`` default; ``out.labelled`` is the mask of the others).
+    A term that reads ``out.target`` sets ``needs_labels = True`` (``kdgraph validate`` then refuses it
+    where no label is kept) and uses the labelled samples only, averaging over them with
+    :func:`~kdgraph.losses.functional.labelled_mean` (0 for a batch without any, where a plain mean
+    would be NaN). A term that learns from the teacher alone uses every sample.
+
     **Learning rate.** ``lr_scale`` (spec key, default 1) multiplies the learning rate of the term's own
     parameters (in both stages); the student's parameters always take the spec's rate.
 
@@ -143,6 +154,7 @@ class Term(nn.Module):
     """
 
     needs_teacher = True
+    needs_labels = False  # reads out.target: averages over labelled samples, refused when none are kept
     features: str | None = None
     auto = "all"
     default_weight = 1.0
@@ -232,16 +244,17 @@ class FeatureTerm(Term):
 
 # --------------------------------------------------------------------------------------------- logits
 class CE(Term):
-    """Cross-entropy with the labels: -log softmax(s)_y."""
+    """Cross-entropy with the labels: -log softmax(s)_y, averaged over the labelled samples."""
 
     needs_teacher = False
+    needs_labels = True
 
     def __init__(self, weight=None, warmup_epochs=0.0, label_smoothing: float = 0.0):
         super().__init__(weight, warmup_epochs)
         self.label_smoothing = label_smoothing
 
     def forward(self, out: Outputs) -> Tensor:
-        return F.cross_entropy(out.logits.float(), out.target, label_smoothing=self.label_smoothing)
+        return KF.cross_entropy(out.logits, out.target, self.label_smoothing)
 
 
 class KD(Term):
@@ -263,11 +276,13 @@ class KD(Term):
 
 
 class DKD(Term):
-    """Zhao et al. 2022: alpha TCKD + beta NCKD, T^2-scaled, with a 20-epoch linear warm-up.
+    """Zhao et al. 2022: alpha TCKD + beta NCKD, T^2-scaled, with a 20-epoch linear warm-up; labelled samples.
 
     ``standardize: true`` Z-scores both logits first (Sun et al. 2024). The authors' recipe with it:
     ``temperature: 2``, ``weight: 9`` (their alpha and beta times 9).
     """
+
+    needs_labels = True  # both parts are defined by the target class
 
     def __init__(self, weight=None, warmup_epochs=20.0, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, standardize: bool = False):

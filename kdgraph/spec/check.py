@@ -52,9 +52,14 @@ def meta_model(cfg: dict, num_classes: int):
 def check(spec: Spec) -> list[tuple]:
     """Problems of ``spec`` beyond its schema, as ``(file, line, col, key path, message)``."""
     from ..data import DATASETS
+    from ..data.labels import check_labels, labels_kept
     from ..losses import build_terms
 
     data, problems = spec.data, []
+    labels = data["data"].get("labels")
+    bad_labels = check_labels(labels)
+    if bad_labels:
+        problems.append(spec.problem(("data", "labels"), bad_labels))
     if not DATASETS.exists(data["data"]["dataset"]):
         try:
             DATASETS.get(data["data"]["dataset"])
@@ -89,6 +94,6 @@ def check(spec: Spec) -> list[tuple]:
     checkable = "student" in rows and ("teacher" in rows or not teacher)
     _, term_problems = build_terms(data["loss"], teacher_rows=rows.get("teacher") if checkable else None,
                                    student_rows=rows.get("student") if checkable else None,
-                                   has_teacher=bool(teacher))
+                                   has_teacher=bool(teacher), has_labels=bool(bad_labels) or labels_kept(labels))
     problems.extend(spec.problem(path, msg) for path, msg in term_problems)
     return problems
