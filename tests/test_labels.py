@@ -201,7 +201,7 @@ def problems(tmp_path, labels: str, loss: str) -> list[str]:
 def test_validate_refuses_terms_that_need_labels_when_none_are_kept(tmp_path):
     loss = "[{method: ce, weight: 0.1}, {method: kd}, {method: dkd}]"
     found = problems(tmp_path, "{count: 0}", loss)
-    assert len(found) == 2 and found[0].startswith("loss.0.method: ce learns from labels")
+    assert len(found) == 2 and found[0].startswith("loss.0.method: ce uses labels")
     assert found[1].startswith("loss.2.method: dkd")
     assert problems(tmp_path, "{fraction: 0.0}", "[{method: kd}]") == []
     assert problems(tmp_path, "{fraction: 0.05}", loss) == []
@@ -211,3 +211,21 @@ def test_validate_refuses_terms_that_need_labels_when_none_are_kept(tmp_path):
                     "(a number of samples), not fraction and count"]
     assert "exactly one" in problems(tmp_path, "{seed: 3}", loss)[0]
     assert "did you mean 'count'" in problems(tmp_path, "{cnt: 3}", loss)[0]
+
+
+def test_crd_other_class_negatives_need_every_label():
+    from kdgraph.losses import Setup
+    from kdgraph.losses.terms import CRD
+
+    targets = torch.arange(12) % 3
+    targets[[1, 5]] = UNLABELLED
+
+    def setup(term):
+        term.pairs = [("t", "s")]
+        term.setup(Setup(student=None, teacher=None, student_shapes={"s": (5,)}, teacher_shapes={"t": (6,)},
+                         num_samples=12, targets=targets, seed=0, log=lambda s: None))
+
+    with pytest.raises(UserError, match="negatives_from: all"):
+        setup(CRD(embed_dim=4, negatives=3))
+    setup(CRD(embed_dim=4, negatives=3, negatives_from="all"))  # labels are not needed there
+    assert CRD().needs_labels and not CRD(negatives_from="all").needs_labels

@@ -149,7 +149,7 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
             problems.append((path + ("method",), f"{cfg['method']} distils from a teacher, but the spec has no "
                                                  f"`teacher:` (remove the term to train the student alone)"))
         if term.needs_labels and not has_labels:
-            problems.append((path + ("method",), f"{cfg['method']} learns from labels, but data.labels keeps none "
+            problems.append((path + ("method",), f"{cfg['method']} uses labels, but data.labels keeps none "
                                                  f"(keep some, or distil with teacher-based terms only)"))
         positions = cfg.get("positions")
         if term.features is None:

@@ -493,6 +493,7 @@ class CRD(Term):
             raise ValueError("needs negatives >= 1, embed_dim >= 1, 0 <= momentum < 1 and temperature > 0")
         self.embed_dim, self.negatives = int(embed_dim), int(negatives)
         self.temperature, self.momentum, self.negatives_from = float(temperature), float(momentum), negatives_from
+        self.needs_labels = negatives_from == "other_classes"  # every sample's class, for the negatives
         self.z: list[float] = [-1.0, -1.0]  # (student anchor, teacher anchor); < 0: not set yet
         self.draws = 0                      # steps drawn so far: keys the negatives' generator
         self.seed = 0
@@ -517,6 +518,9 @@ class CRD(Term):
                                 "sample (a data set with `targets`, or Distiller.setup(..., targets=...)); "
                                 "`negatives_from: all` draws from every sample instead")
             targets = torch.as_tensor(ctx.targets).long().cpu()
+            if (targets == KF.UNLABELLED).any():
+                raise UserError("crd draws negatives from other classes, which needs the label of every training "
+                                "sample, and data.labels hides some: use `negatives_from: all`")
             counts = torch.bincount(targets)
             self.register_buffer("targets", targets, persistent=False)
             self.register_buffer("by_class", torch.argsort(targets, stable=True), persistent=False)

@@ -2,7 +2,8 @@
 
 Every problem is reported as ``FILE:LINE:COL: key.path: message``. Loading is ``yaml.safe_load``-safe (only
 plain YAML types). ``extends: base.yaml`` deep-merges a base spec (lists are replaced, not merged), and
-``--set key.path=value`` overrides apply last (the value is parsed as YAML).
+``--set key.path=value`` overrides apply last (the value is parsed as YAML). ``seeds: [0, 1, 2]`` makes one
+spec per seed, named ``NAME-seed0``... with that ``train.seed`` (their ``group`` is NAME).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Spec:
     file: str
     positions: dict[Path_, Where] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    group: str = ""  # the name of the spec whose `seeds:` made this one (runs of a group differ in train.seed)
 
     def where(self, path: Iterable) -> Where:
         path = tuple(path)
@@ -192,18 +194,36 @@ def load_all(file: str | Path, overrides: Iterable[str] = (), text: str | None =
         if names.count(s.data.get("name")) > 1:
             problems.append(s.problem(("name",), f"two specs in {file} are named {s.data.get('name')!r}"))
             break
+    problems.extend(s.problem(("seeds",), "give `seeds` (one run per seed) or train.seed, not both")
+                    for s in specs if s.data.get("seeds") and "seed" in (s.data.get("train") or {}))
     if problems:
         raise SpecError(problems)
+    specs = [one for s in specs for one in per_seed(s)]
     for s in specs:
         apply_defaults(s.data)
     return specs
+
+
+def per_seed(spec: Spec) -> list[Spec]:
+    """``spec`` once per value of its ``seeds`` list (``train.seed`` set, named NAME-seed<K>), or itself."""
+    seeds = spec.data.pop("seeds", None)
+    if not seeds:
+        return [spec]
+    out = []
+    for seed in seeds:
+        data = copy.deepcopy(spec.data)
+        data["name"] = f"{spec.data['name']}-seed{seed}"
+        data.setdefault("train", {})["seed"] = seed
+        out.append(Spec(data, spec.file, dict(spec.positions), list(spec.overrides), group=spec.data["name"]))
+    return out
 
 
 def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = None) -> Spec:
     """The one spec in a file (see :func:`load_all`)."""
     specs = load_all(file, overrides, text)
     if len(specs) != 1:
-        raise UserError(f"{file} holds {len(specs)} specs; this command takes a file with one")
+        seeded = " (its `seeds:` makes one per seed; --set seeds=null runs train.seed)" if specs[0].group else ""
+        raise UserError(f"{file} holds {len(specs)} specs{seeded}; this command takes a file with one")
     return specs[0]
 
 
