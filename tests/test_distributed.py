@@ -147,3 +147,21 @@ def test_crd_on_two_gloo_processes_matches_one_process(tmp_path):
     assert a["1._extra_state"]["z"] == pytest.approx(b["1._extra_state"]["z"], rel=1e-5)
     for k in ("1.student_bank", "1.teacher_bank", "1.embed_student.weight", "1.embed_teacher.weight"):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_ranks_keep_the_labels_one_process_keeps(tmp_path):
+    """``data.labels`` under DDP: the ranks hide the labels one process hides. With a teacher-only loss the two
+    runs are the same computation, so the labelled samples counted (summed over the ranks) and the train
+    top-1 over them must agree exactly -- they would not if the ranks drew their subsets differently."""
+    doc = yaml.safe_load(_spec(tmp_path, "ddp_labels", epochs=1, steps=8, loss=[{"method": "kd"}]).read_text())
+    doc["data"]["labels"] = {"fraction": 0.3}
+    spec = tmp_path / "labels.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, None), (two, 2)):
+        p = _kdgraph(spec, "--out", out, nproc=nproc)
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, log
+    _close(_rows(one), _rows(two), terms=("kd",))
+    (a,), (b,) = _rows(one), _rows(two)
+    assert a["labelled"] == b["labelled"] and 60 < a["labelled"] < 100  # ~30 % of 8 steps of 32

@@ -111,7 +111,8 @@ def test_ranks_hide_the_labels_one_process_hides(monkeypatch):
     _, y_one, order_one, one = epoch_targets(cfg)
     seen = {}
     for rank in (0, 1):
-        monkeypatch.setattr(data, "_rank_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(data, "_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(data, "_world", lambda: 2)
         train = build_loaders({**cfg, "batch_size": 32}, seed=3, distributed=True)[0]
         assert torch.equal(train.labelled, one.labelled)
         train.sampler.set_epoch(1)
@@ -229,3 +230,63 @@ def test_crd_other_class_negatives_need_every_label():
         setup(CRD(embed_dim=4, negatives=3))
     setup(CRD(embed_dim=4, negatives=3, negatives_from="all"))  # labels are not needed there
     assert CRD().needs_labels and not CRD(negatives_from="all").needs_labels
+
+
+# ------------------------------------------------------------------------------------------- the engine
+def test_a_run_with_few_labels_counts_them_and_resumes_exactly(tmp_path, cli, monkeypatch):
+    import json
+
+    from tests.conftest import tiny_spec, write_yaml
+    from tests.userpkg import SelfStop
+
+    over = dict(data={"labels": {"count": 40}, "batch_size": 16}, train={"epochs": 2, "max_steps_per_epoch": 20},
+                loss=[{"method": "ce"}, {"method": "tests.userpkg:SelfStop", "at": 1.4}])
+    file = write_yaml(tmp_path / "few.yaml", tiny_spec("few", **over))
+    monkeypatch.setattr(SelfStop, "fired", True)  # the uninterrupted reference
+    assert cli(["run", file, "--out", tmp_path / "ref"])[0] == 0
+    monkeypatch.setattr(SelfStop, "fired", False)
+    assert cli(["run", file, "--out", tmp_path / "cut"])[0] == 130  # stopped in epoch 2
+    assert cli(["run", file, "--out", tmp_path / "cut", "--resume"])[0] == 0
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "ref")
+    train, _, _ = build_loaders({**DIGITS, "batch_size": 16, "labels": {"count": 40}}, seed=0)
+    for epoch, row in enumerate(rows(tmp_path / "ref")):
+        train.sampler.set_epoch(epoch)
+        order = [i for i, _ in train.sampler][:20 * 16]
+        assert row["labelled"] == int(train.labelled[order].sum()) > 0
+        correct = row["train_top1"] * row["labelled"] / 100  # train top-1 is over the labelled samples
+        assert abs(correct - round(correct)) < 1e-6
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert (summary["labelled"], summary["train_samples"], summary["seed"]) == (40, 1437, 0)
+
+
+def test_seeds_run_once_per_seed_and_the_table_shows_mean_and_std(tmp_path, cli):
+    from kdgraph.app.cli import summary_table
+    from tests.conftest import tiny_spec, write_yaml
+
+    file = write_yaml(tmp_path / "s.yaml", {**tiny_spec("few", data={"labels": {"fraction": 0.1}},
+                                                        train={"epochs": 1, "max_steps_per_epoch": 2}),
+                                            "seeds": [3, 5]})
+    code, out, err = cli(["run", file, "--runs-dir", tmp_path / "runs"])
+    assert code == 0, err
+    import json
+
+    seeds = [json.loads((tmp_path / "runs" / f"few-seed{k}" / "summary.json").read_text()) for k in (3, 5)]
+    assert [s["seed"] for s in seeds] == [3, 5] and all(s["group"] == "few" for s in seeds)
+    line = next(row for row in out.splitlines() if row.startswith("| few |"))
+    assert "| 144/1437 | 3,5 |" in line and " ± " in line
+    table = summary_table([{"name": "a-seed0", "student": "s", "methods": ["ce"], "final_top1": 70.0, "seed": 0},
+                           {"name": "a-seed1", "student": "s", "methods": ["ce"], "final_top1": 74.0, "seed": 1},
+                           {"name": "t", "student": "t", "methods": ["ce"], "final_top1": 99.0, "seed": 0}],
+                          ["a", "a", "t"])
+    assert "| a | s | - | ce | all | 0,1 | - | - | 72.00 ± 2.83 |" in table
+    assert "| t | t | - | ce | all | 0 | - | - | 99.00 |" in table
+    code, _, err = cli(["run", file, "--out", tmp_path / "one"])
+    assert code == 2 and "seeds" in err
+    file.write_text(file.read_text().replace("train:\n", "train:\n  seed: 1\n"))
+    code, _, err = cli(["validate", file])
+    assert code == 2 and "not both" in err

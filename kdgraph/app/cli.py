@@ -130,12 +130,16 @@ def cmd_run(args) -> int:
     from .engine import Stopped, run
     from .runtime import process_group
 
-    loaded = [s for file in args.spec for s in specs.load_all(file, args.overrides)]
-    problems = [p for s in loaded for p in check(s)]
+    written = [s for file in args.spec for s in specs.load_all(file, args.overrides)]
+    problems = [p for s in written for p in check(s)]
     if problems:
         raise SpecError(problems)
+    loaded = [one for s in written for one in specs.per_seed(s)]  # a spec with `seeds:` is one run per seed
     if args.out and len(loaded) > 1:
-        raise UserError("--out takes one spec; use --runs-dir for several")
+        seeded = [s.group for s in loaded if s.group][:1]
+        raise UserError("--out takes one run; use --runs-dir for several"
+                        + (f" ({seeded[0]} has `seeds:`, one run each; --set seeds=null runs train.seed)"
+                           if seeded else ""))
     if args.nproc is not None:
         return _torchrun(args)
     summaries = []
@@ -151,7 +155,7 @@ def cmd_run(args) -> int:
         return 0
     if len(summaries) > 1 or any(s.get("teacher") for s in summaries):
         print()
-        print(summary_table(summaries))
+        print(summary_table(summaries, [s.group or s.data["name"] for s in loaded]))
     return 0
 
 
@@ -171,14 +175,29 @@ def _torchrun(args) -> int:
     return 0  # not reached
 
 
-def summary_table(summaries: list[dict]) -> str:
-    """The runs ``kdgraph run`` trained, as a Markdown table."""
-    from .format import markdown_table, pct
+def summary_table(summaries: list[dict], groups: list[str] | None = None) -> str:
+    """The runs ``kdgraph run`` trained, as a Markdown table: one row per group (default: per run).
 
-    header = ["run", "student", "teacher", "methods", "teacher top-1", "best top-1", "final top-1", "time (s)"]
-    rows = [[s["name"], s["student"], s.get("teacher") or "-", "+".join(s["methods"]),
-             pct(s.get("teacher_top1"), "-"), pct(s.get("best_top1"), "-"), pct(s.get("final_top1"), "-"),
-             s.get("wall_seconds", "-")] for s in summaries]
+    The runs of a group (a spec's ``seeds:``) share a row: its accuracies are ``mean ± std`` over them,
+    ``seeds`` lists their ``train.seed`` and the time is their total. ``labels`` says how many training
+    samples kept their label (``data.labels``).
+    """
+    from .format import markdown_table, pct_spread
+
+    grouped: dict[str, list[dict]] = {}
+    for s, group in zip(summaries, groups or [s["name"] for s in summaries]):
+        grouped.setdefault(group, []).append(s)
+    header = ["run", "student", "teacher", "methods", "labels", "seeds", "teacher top-1", "best top-1",
+              "final top-1", "time (s)"]
+    rows = []
+    for group, runs in grouped.items():
+        first = runs[0]
+        labels = f"{first['labelled']}/{first['train_samples']}" if "labelled" in first else "all"
+        seconds = [r["wall_seconds"] for r in runs if isinstance(r.get("wall_seconds"), (int, float))]
+        rows.append([group, first["student"], first.get("teacher") or "-", "+".join(first["methods"]), labels,
+                     ",".join(str(r.get("seed", "-")) for r in runs),
+                     *(pct_spread([r.get(k) for r in runs], "-") for k in ("teacher_top1", "best_top1", "final_top1")),
+                     round(sum(seconds), 1) if seconds else "-"])
     return markdown_table(header, rows, pad=False)
 
 

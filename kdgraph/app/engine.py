@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from .. import spec as specs
-from ..data import DatasetInfo, build_loaders, train_targets
+from ..data import UNLABELLED, DatasetInfo, build_loaders, train_targets
 from ..distiller import Distiller, TermProblems
 from ..distributed import all_reduce, any_rank, barrier, gather_objects, rank, world
 from ..errors import SpecError, UserError
@@ -308,6 +308,9 @@ def _claim(spec: specs.Spec, rd: RunDir, previous: dict, resume: bool, force: bo
     if spec.data.get("sweep"):
         raise UserError(f"{spec.file} holds a sweep: run it with `kdgraph sweep {spec.file}` "
                         f"(or `--set sweep=null` to run its base configuration)")
+    if spec.data.get("seeds"):
+        raise UserError(f"{spec.data['name']} in {spec.file} has `seeds:`, one run per seed: run it with "
+                        f"`kdgraph run` (or `--set seeds=null` to run train.seed alone)")
     if previous and not resume and not force:
         what = "a finished run" if previous.get("status") == "finished" else "an unfinished run"
         raise UserError(f"{rd.path} already holds {what}; --resume continues it, --force starts over, "
@@ -328,7 +331,8 @@ def _first_summary(spec: specs.Spec, previous: dict | None) -> dict:
                "student": data["student"]["model"], "teacher": (data.get("teacher") or {}).get("model"),
                "methods": [t["method"] for t in data["loss"]], "epochs": data["train"]["epochs"],
                "epochs_done": 0, "best_top1": None, "best_epoch": None, "final_top1": None,
-               "teacher_top1": previous.get("teacher_top1") if previous is not None else None}
+               "teacher_top1": previous.get("teacher_top1") if previous is not None else None,
+               "seed": data["train"]["seed"], **({"group": spec.group} if spec.group else {})}
     if previous is not None:
         summary.update({k: previous[k] for k in ("epochs_done", "best_top1", "best_epoch", "final_top1")
                         if previous.get(k) is not None})
@@ -419,6 +423,8 @@ def build(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, runs_dir: Pa
     train_loader, test_loader, info = build_loaders(_per_rank(data["data"], world()), seed=train["seed"],
                                                     distributed=world() > 1, device=device, indices=True)
     summary["device"] = str(device) + (f" x{world()}" if world() > 1 else "")
+    if getattr(train_loader, "labelled", None) is not None:  # data.labels: how many samples keep theirs
+        summary.update(labelled=int(train_loader.labelled.sum()), train_samples=len(train_loader.labelled))
     teacher, student = _models(spec, info, device, summary, log, runs_dir, echo)
     try:
         distiller = Distiller(student, teacher, data["loss"], input_shape=info.input_shape,
@@ -628,7 +634,9 @@ def train_epoch(t: Training, stage: Stage, epoch: int, signals: _Signals) -> dic
         t.distiller.init_mode(epoch)
     else:
         t.distiller.train()
-    sums = t.state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, **{n: 0.0 for n in _names(t, epoch)}}
+    sums = t.state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, "labelled": 0,
+                               **{n: 0.0 for n in _names(t, epoch)}}
+    sums.setdefault("labelled", sums["seen"])  # a checkpoint written before labels were counted
     bar = _progress(steps, t.state["step"], _epoch_name(t, epoch, of=True), t.rank == 0)
     i = t.state["step"]
     for x, y, index in loader:
@@ -670,8 +678,9 @@ def _epoch_name(t: Training, epoch: int, of: bool = False) -> str:
 def _add(sums: dict, s: Step, y: torch.Tensor) -> None:
     n = len(y)
     sums["loss"] += s.loss.item() * n
-    sums["correct"] += accuracy(s.logits.detach().float(), y, 1)
+    sums["correct"] += accuracy(s.logits.detach().float(), y, 1)  # an UNLABELLED target is never matched
     sums["seen"] += n
+    sums["labelled"] += int((y != UNLABELLED).sum())
     for name, v in s.parts.items():
         sums[name] += v.item() * n
 
@@ -686,15 +695,20 @@ def _non_finite(t: Training, s: Step, epoch: int, i: int) -> NonFinite:
 
 
 def train_metrics(t: Training, epoch: int, sums: dict) -> dict:
-    """The epoch's training row (summed over the ranks): learning rate, loss, each term, train top-1."""
+    """The epoch's training row (summed over the ranks): learning rate, loss, each term, train top-1 (over
+    the labelled samples; none without any) and, under ``data.labels``, ``labelled``: how many there were."""
     names = t.distiller.names
-    totals = torch.tensor([sums["loss"], sums["correct"], sums["seen"]] + [sums[n] for n in names],
+    totals = torch.tensor([sums["loss"], sums["correct"], sums["seen"], sums["labelled"]] + [sums[n] for n in names],
                           dtype=torch.float64, device=t.device)
     all_reduce(totals)
-    seen = max(totals[2].item(), 1)
-    return {"epoch": epoch + 1, "lr": lr_at(epoch, t.train), "loss": totals[0].item() / seen,
-            **{f"loss/{n}": totals[3 + i].item() / seen for i, n in enumerate(names)},
-            "train_top1": 100 * totals[1].item() / seen}
+    seen, labelled = max(totals[2].item(), 1), int(totals[3].item())
+    row = {"epoch": epoch + 1, "lr": lr_at(epoch, t.train), "loss": totals[0].item() / seen,
+           **{f"loss/{n}": totals[4 + i].item() / seen for i, n in enumerate(names)}}
+    if labelled:
+        row["train_top1"] = 100 * totals[1].item() / labelled
+    if t.spec.data["data"].get("labels"):
+        row["labelled"] = labelled
+    return row
 
 
 def init_metrics(t: Training, epoch: int, sums: dict) -> dict:
@@ -750,7 +764,8 @@ def end_epoch(t: Training, epoch: int, row: dict) -> None:
         t.summary.update(epochs_done=epoch + 1, best_top1=t.state["best"], best_epoch=t.state["best_epoch"],
                          final_top1=row["test_top1"])
         t.rd.write_summary(t.summary)
-    t.log.line(f"epoch {epoch + 1}/{t.train['epochs']} loss {row['loss']:.4f} train {row['train_top1']:.2f}% "
+    train = f"{row['train_top1']:.2f}%" if "train_top1" in row else "-"
+    t.log.line(f"epoch {epoch + 1}/{t.train['epochs']} loss {row['loss']:.4f} train {train} "
                f"test {row['test_top1']:.2f}% (best {t.state['best']:.2f}%) {row['seconds']:.1f}s")
 
 

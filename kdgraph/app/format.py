@@ -1,7 +1,8 @@
-"""How numbers and tables are written for people: percentages, durations, Markdown tables, CSV files."""
+"""How numbers and tables are written for people: percentages, mean ± std, durations, Markdown tables, CSV files."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -9,6 +10,32 @@ from typing import Any, Iterable, Sequence
 def pct(value: Any, missing: str = "") -> str:
     """An accuracy in percent with two decimals (``missing`` for anything but a number)."""
     return f"{value:.2f}" if isinstance(value, (int, float)) else missing
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
+    """``(mean, std, n)`` of the numbers among ``values`` (anything else is skipped): the sample standard
+    deviation (n - 1 in the denominator), None for fewer than 2 numbers; the mean is None for none.
+
+    >>> mean_std([71.0, 74.0, 68.0, None])
+    (71.0, 3.0, 3)
+    """
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    n = len(numbers)
+    if not n:
+        return None, None, 0
+    mean = sum(numbers) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in numbers) / (n - 1)) if n > 1 else None
+    return mean, std, n
+
+
+def pct_spread(values: Iterable[Any], missing: str = "") -> str:
+    """Accuracies of repeated runs as ``mean ± std`` (two decimals; one value alone as :func:`pct`).
+
+    >>> pct_spread([71.0, 74.0, 68.0])
+    '71.00 ± 3.00'
+    """
+    mean, std, _ = mean_std(values)
+    return pct(mean, missing) + (f" ± {std:.2f}" if std is not None else "")
 
 
 def duration(seconds: Any) -> str:

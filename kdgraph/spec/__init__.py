@@ -2,8 +2,8 @@
 
 Every problem is reported as ``FILE:LINE:COL: key.path: message``. Loading is ``yaml.safe_load``-safe (only
 plain YAML types). ``extends: base.yaml`` deep-merges a base spec (lists are replaced, not merged), and
-``--set key.path=value`` overrides apply last (the value is parsed as YAML). ``seeds: [0, 1, 2]`` makes one
-spec per seed, named ``NAME-seed0``... with that ``train.seed`` (their ``group`` is NAME).
+``--set key.path=value`` overrides apply last (the value is parsed as YAML). A spec with ``seeds: [0, 1, 2]``
+stands for one run per seed: :func:`per_seed` makes them (``NAME-seed0``... with that ``train.seed``).
 """
 from __future__ import annotations
 
@@ -198,22 +198,27 @@ def load_all(file: str | Path, overrides: Iterable[str] = (), text: str | None =
                     for s in specs if s.data.get("seeds") and "seed" in (s.data.get("train") or {}))
     if problems:
         raise SpecError(problems)
-    specs = [one for s in specs for one in per_seed(s)]
     for s in specs:
         apply_defaults(s.data)
     return specs
 
 
 def per_seed(spec: Spec) -> list[Spec]:
-    """``spec`` once per value of its ``seeds`` list (``train.seed`` set, named NAME-seed<K>), or itself."""
-    seeds = spec.data.pop("seeds", None)
-    if not seeds:
+    """The runs a loaded spec stands for: one per value of its ``seeds`` list (``train.seed`` set to it, named
+    ``NAME-seed<K>``, ``group`` NAME, no ``seeds`` key), or the spec itself when it has none.
+
+    Example::
+
+        kd = load_all("specs/quickstart.yaml")[-1]          # quickstart-kd, with seeds: [0, 1, 2]
+        [s.data["name"] for s in per_seed(kd)]              # quickstart-kd-seed0, -seed1, -seed2
+    """
+    if not spec.data.get("seeds"):
         return [spec]
     out = []
-    for seed in seeds:
-        data = copy.deepcopy(spec.data)
+    for seed in spec.data["seeds"]:
+        data = copy.deepcopy({k: v for k, v in spec.data.items() if k != "seeds"})
         data["name"] = f"{spec.data['name']}-seed{seed}"
-        data.setdefault("train", {})["seed"] = seed
+        data["train"]["seed"] = seed
         out.append(Spec(data, spec.file, dict(spec.positions), list(spec.overrides), group=spec.data["name"]))
     return out
 
@@ -222,8 +227,7 @@ def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = Non
     """The one spec in a file (see :func:`load_all`)."""
     specs = load_all(file, overrides, text)
     if len(specs) != 1:
-        seeded = " (its `seeds:` makes one per seed; --set seeds=null runs train.seed)" if specs[0].group else ""
-        raise UserError(f"{file} holds {len(specs)} specs{seeded}; this command takes a file with one")
+        raise UserError(f"{file} holds {len(specs)} specs; this command takes a file with one")
     return specs[0]
 
 

@@ -103,7 +103,10 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                                 check("data.augment", "augment")
                                 choice("data.pin_memory", "pin memory", list(forms.TRISTATE))
                                 choice("data.persistent_workers", "persistent workers", list(forms.TRISTATE))
-                            text("data.options", "options (YAML mapping)", placeholder="{size: 16}")
+                            with gr.Row():
+                                text("data.options", "options (YAML mapping)", placeholder="{size: 16}")
+                                text("data.labels", "labels kept (the rest unlabelled)",
+                                     placeholder="all; or {count: 40} or {fraction: 0.05}")
                             options_hint = gr.Markdown(forms.dataset_options(form["data.dataset"]),
                                                        elem_id="options-hint")
                         with gr.Row():
@@ -182,6 +185,7 @@ def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
                                 choice("train.device", "device", ["auto", "cpu", "cuda", "mps"], custom=True)
                                 choice("train.precision", "precision", _enum("train", "precision"))
                                 number("train.seed", "seed", integer=True)
+                                text("seeds", "seeds (one run each)", placeholder="[0, 1, 2] instead of seed")
                             with gr.Row():
                                 choice("train.optimizer.name", "optimizer", _enum("train", "optimizer", "name"))
                                 number("train.optimizer.lr", "learning rate")

@@ -52,7 +52,7 @@ class Field:
 
     key: str
     kind: str  # text, int, float, number (optional, as text), bool, tristate, mapping, names, ints, floats,
-    #            yaml, model, count, term
+    #            yaml, flow (optional, one line of YAML), model, count, term
 
 
 _SIMPLE = [
@@ -60,6 +60,7 @@ _SIMPLE = [
     ("data.dataset", "text"), ("data.root", "text"), ("data.download", "bool"), ("data.batch_size", "int"),
     ("data.test_batch_size", "number"), ("data.loader", "text"), ("data.workers", "int"), ("data.pin_memory", "tristate"),
     ("data.persistent_workers", "tristate"), ("data.augment", "bool"), ("data.options", "mapping"),
+    ("data.labels", "flow"), ("seeds", "flow"),
     ("teacher.model", "model"), ("teacher.kwargs", "mapping"), ("teacher.checkpoint", "text"),
     ("teacher.weights", "text"), ("teacher.from_spec", "text"),
     ("student.model", "text"), ("student.kwargs", "mapping"), ("student.checkpoint", "text"),
@@ -201,6 +202,8 @@ def _to_form(kind: str, value: Any) -> Any:
         return ", ".join(str(v) for v in value or [])
     if kind == "yaml":
         return yaml.safe_dump(value, sort_keys=False, default_flow_style=None) if value else ""
+    if kind == "flow":
+        return "" if value is None else yaml_text(value)
     raise ValueError(kind)
 
 
@@ -285,7 +288,7 @@ def _from_form(kind: str, value: Any, key: str) -> Any:
         if not isinstance(parsed, dict):
             raise ValueError(f"{key}: expected a mapping such as {{size: 16}}, got {value!r}")
         return parsed
-    if kind == "yaml":
+    if kind in ("yaml", "flow"):
         parsed = _parse_yaml(value or "", key) if str(value or "").strip() else None
         return OMIT if parsed is None else parsed
     items = [s.strip() for s in str(value or "").replace(";", ",").split(",") if s.strip()]
@@ -358,7 +361,7 @@ def form_to_spec(form: dict) -> tuple[dict, list[str]]:
                     problems.append(str(e))
         elif f.kind != "term":
             put(f.key, f.kind)
-    order = ["name", "description", "data", "teacher", "student", "trace", "loss", "train", "log", "sweep"]
+    order = ["name", "description", "seeds", "data", "teacher", "student", "trace", "loss", "train", "log", "sweep"]
     data = {k: data[k] for k in order if k in data}
     return strip_defaults(data), problems
 
