@@ -290,3 +290,26 @@ def test_seeds_run_once_per_seed_and_the_table_shows_mean_and_std(tmp_path, cli)
     file.write_text(file.read_text().replace("train:\n", "train:\n  seed: 1\n"))
     code, _, err = cli(["validate", file])
     assert code == 2 and "not both" in err
+
+
+def test_indexed_batches_keep_their_indices_and_hide_the_same_labels():
+    cfg = {**DIGITS, "labels": {"count": 30}, "augment": False}
+    for loader in ("workers", "tensor"):
+        train, _, _ = build_loaders({**cfg, "loader": loader}, seed=2, indices=True)
+        x, y, index = next(iter(train))
+        assert torch.equal(y, torch.where(train.labelled, digits_targets(), UNLABELLED)[index])
+
+
+def test_no_label_at_all_distils_from_the_teacher_alone(tmp_path, cli, teacher_ckpt):
+    import json
+
+    from tests.conftest import tiny_spec, write_yaml
+
+    file = write_yaml(tmp_path / "none.yaml", tiny_spec(
+        "none", data={"labels": {"count": 0}}, teacher={"model": "wrn-16-1", "checkpoint": str(teacher_ckpt)},
+        loss=[{"method": "kd"}], train={"epochs": 1, "max_steps_per_epoch": 3}))
+    code, _, err = cli(["run", file, "--out", tmp_path / "run"])
+    assert code == 0, err
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["labelled"] == 0 and "train_top1" not in row and row["loss/kd"] > 0
+    assert "train -" in (tmp_path / "run" / "log.txt").read_text()

@@ -196,7 +196,8 @@ def summary_table(summaries: list[dict], groups: list[str] | None = None) -> str
         seconds = [r["wall_seconds"] for r in runs if isinstance(r.get("wall_seconds"), (int, float))]
         rows.append([group, first["student"], first.get("teacher") or "-", "+".join(first["methods"]), labels,
                      ",".join(str(r.get("seed", "-")) for r in runs),
-                     *(pct_spread([r.get(k) for r in runs], "-") for k in ("teacher_top1", "best_top1", "final_top1")),
+                     pct_spread({r.get("teacher_top1") for r in runs}, "-"),  # one teacher for all seeds: one value
+                     *(pct_spread([r.get(k) for r in runs], "-") for k in ("best_top1", "final_top1")),
                      round(sum(seconds), 1) if seconds else "-"])
     return markdown_table(header, rows, pad=False)
 
