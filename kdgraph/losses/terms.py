@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import gather_tensors
