@@ -113,6 +113,7 @@ class Distiller(nn.Module):
         if problems:
             raise TermProblems(problems)
         self.student = student
+        self.layer_rows = {"teacher": t_rows, "student": s_rows}  # the traced tables (kdgraph.layers rows)
         self.terms = nn.ModuleList(terms)
         self.names = term_names(loss)
         self.teacher = teacher

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import UserError, did_you_mean
 
-__all__ = ["layers", "tap", "trace", "Tapped", "Traced", "TraceFailed", "UnknownTap", "stage_ends"]
+__all__ = ["layers", "tap", "trace", "Tapped", "Traced", "TraceFailed", "UnknownTap", "stage_ends", "stages"]
 
 PRE = ":pre"
 
@@ -483,29 +483,42 @@ def _op_label(node: fx.Node, root: nn.Module) -> str:
     return type(_module(root, node)).__name__ if node.op == "call_module" else _target_name(node)
 
 
-def stage_ends(rows: list[dict], pre: bool) -> list[str]:
-    """Default distillation positions from a :func:`layers` table: one per stage, in order.
+def stages(rows: list[dict]) -> list[list[dict]]:
+    """The stages of a :func:`layers` table, in order: each a run of 4-d values of one spatial size (its rows).
 
-    A stage is a run of 4-d values of one spatial size. With ``pre`` the position is the last value of the
-    stage -- the input of an activation when an activation ends it (the pre-ReLU value feature methods such
-    as Heo et al.'s need). Without ``pre`` it is the output of the outermost block ending last in the stage
-    (the "group output" of AT/SP), or the last value when the model has no blocks.
+    Values larger than the current stage (shortcuts computed late) are left out, and so are pooled
+    ``(C, 1, 1)`` heads unless the model has no other 4-d values.
+
+    Example::
+
+        [s[-1]["shape"] for s in stages(kdgraph.layers(model, (3, 32, 32)))]   # [(32, 32, 32), (64, 16, 16), ...]
     """
     spatial = [r for r in rows if r["shape"] is not None and len(r["shape"]) == 3 and r["kind"] != "pre"]
     if any(r["shape"][1:] != (1, 1) for r in spatial):  # pooled (C, 1, 1) heads are not a stage
         spatial = [r for r in spatial if r["shape"][1:] != (1, 1)]
-    stages: list[list[dict]] = []
+    found: list[list[dict]] = []
     area = None
     for r in spatial:
         h, w = r["shape"][1:]
         if area is None or h * w < area:
             area = h * w
-            stages.append([])
+            found.append([])
         if h * w == area:  # values larger than the current stage are shortcuts computed late: skip them
-            stages[-1].append(r)
+            found[-1].append(r)
+    return found
+
+
+def stage_ends(rows: list[dict], pre: bool) -> list[str]:
+    """Default distillation positions from a :func:`layers` table: one per stage (:func:`stages`), in order.
+
+    With ``pre`` the position is the last value of the stage -- the input of an activation when an
+    activation ends it (the pre-ReLU value feature methods such as Heo et al.'s need). Without ``pre`` it
+    is the output of the outermost block ending last in the stage (the "group output" of AT/SP), or the
+    last value when the model has no blocks.
+    """
     names = {r["name"] for r in rows}
     ends = []
-    for stage in stages:
+    for stage in stages(rows):
         if pre:
             last = next((r for r in reversed(stage) if r["kind"] != "block"), stage[-1])
             ends.append(last["name"] + PRE if last["name"] + PRE in names else last["name"])

@@ -67,7 +67,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120.
 
 # ------------------------------------------------------------------------------------------ contract
 def test_plain_run_writes_the_contract_run_dir(tmp_path, cli, write_spec):
-    file = write_spec("plain", log={"tensorboard": True})
+    file = write_spec("plain", log={"tensorboard": True, "every": 2})
     code, out, err = cli(["run", file, "--runs-dir", tmp_path / "runs"])
     assert code == 0, err
     run = tmp_path / "runs" / "plain"
@@ -108,6 +108,11 @@ def test_plain_run_writes_the_contract_run_dir(tmp_path, cli, write_spec):
     log = (run / "log.txt").read_text()
     assert "epoch 2/2" in log
     assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events under tb/"
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in steps] == [(2, 0.5), (4, 1.0), (6, 1.5), (8, 2.0)]  # log.every 2
+    for epoch, row in enumerate(rows):  # windows of equal batches: their means average to the epoch's loss
+        assert sum(r["loss"] for r in steps[2 * epoch:2 * epoch + 2]) / 2 == pytest.approx(row["loss"], rel=1e-6)
+    assert (run / "wiring.svg").read_text().startswith("<svg")
 
 
 def test_no_tensorboard_dir_when_disabled(tmp_path, cli, write_spec):
@@ -188,6 +193,8 @@ def test_sigterm_mid_epoch_stops_with_a_checkpoint_and_resumes_exactly(tmp_path,
     assert without_seconds(metrics(run)) == without_seconds(metrics(ref))
     assert_same_weights(weights(run / "checkpoints" / "last.pt"), weights(ref / "checkpoints" / "last.pt"))
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    # the per-step loss too: the rows written before the stop, and those after it (their window was saved)
+    assert (run / "steps.jsonl").read_text() == (ref / "steps.jsonl").read_text()
 
 
 def test_stopped_run_is_not_restarted_without_resume_or_force(tmp_path, cli, write_spec):

@@ -1,6 +1,8 @@
 """The web UI without a browser: form <-> spec, validation, layer tables, run views, handlers and the job
 queue (with a stand-in engine that trains nothing)."""
 import json
+import os
+import re
 import signal
 import sys
 import time
@@ -15,8 +17,9 @@ import gradio as gr  # noqa: E402
 from kdgraph import spec as specs  # noqa: E402
 from kdgraph.app.cli import main as cli_main  # noqa: E402
 from kdgraph.errors import UserError  # noqa: E402
-from kdgraph.ui import forms, jobs, runs  # noqa: E402
-from kdgraph.ui.handlers import Handlers  # noqa: E402
+from kdgraph.ui import fielderrors, forms, jobs, runs  # noqa: E402
+from kdgraph.errors import format_problem  # noqa: E402
+from kdgraph.ui.handlers import TAP_KEYS, TERM_VIEW_KEYS, TRACE_KEYS, Handlers  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -142,8 +145,8 @@ def test_building_at_wrn_in_the_form_gives_its_spec():
     form["loss.1.method"] = "at"
     form["loss.1.weight"], form["loss.1.params"], form["loss.1.positions"] = h.method_changed(
         "at", form["loss.1.params"])
-    text, problems = h.preview("at_wrn.yaml", *h.values(form))
-    assert problems == "valid"
+    text, problems, marks = h.preview("at_wrn.yaml", *h.values(form))
+    assert problems == "valid" and 'data-count="0"' in marks
     built = specs.load_all(SPECS / "at_wrn.yaml", (), text=text)[0].data
     assert built == specs.load_all(SPECS / "at_wrn.yaml")[0].data
     assert "positions: auto" in text and "weight: 1000," in text and "1000.0" not in text
@@ -153,10 +156,11 @@ def test_validation_matches_kdgraph_validate(tmp_path, capsys):
     form = forms.spec_to_form(forms.NEW_SPEC)
     form.update({"student.model": "wrn-15-2", "loss.count": 2, **forms.new_term(1, "kd")})
     form["loss.1.params"] = [["temprature", "4", ""]]
-    text, problems = forms.preview(form, tmp_path / "bad.yaml")
+    text, problems, form_problems = forms.preview(form, tmp_path / "bad.yaml")
     (tmp_path / "bad.yaml").write_text(text)
-    assert cli_main(["validate", str(tmp_path / "bad.yaml")]) == 2
-    assert problems == capsys.readouterr().err.strip().splitlines()
+    assert cli_main(["validate", str(tmp_path / "bad.yaml")]) == 2 and form_problems == []
+    assert [format_problem(*p) for p in problems] == capsys.readouterr().err.strip().splitlines()
+    problems = forms.validate(text, tmp_path / "bad.yaml")
     assert any("student.model" in p for p in problems)
     assert any("did you mean 'temperature'" in p for p in problems)
 
@@ -166,10 +170,14 @@ def test_form_problems_are_named_and_the_rest_still_builds():
     form.update({"teacher.model": "wrn-16-2", "teacher.kwargs": "{a: [", "train.optimizer.betas": "0.9, x",
                  "train.grad_clip": "lots", "data.test_batch_size": "256"})
     data, problems = forms.form_to_spec(form)
-    assert [p.split(":")[0] for p in problems] == ["teacher.kwargs", "train.optimizer.betas", "train.grad_clip"]
-    assert data["data"]["test_batch_size"] == 256 and data["teacher"] == {"model": "wrn-16-2"}
+    assert [k for k, _ in problems] == ["teacher.kwargs", "train.optimizer.betas", "train.grad_clip"]
+    assert data["data"]["test_batch_size"] == 256
+    # nothing typed is dropped: the text that cannot be read stays in the spec, for the validator to place
+    assert data["teacher"] == {"model": "wrn-16-2", "kwargs": "{a: ["}
+    assert data["train"]["optimizer"]["betas"] == "0.9, x" and data["train"]["grad_clip"] == "lots"
     form["loss.0.positions"], form["loss.0.pairs"] = "pairs", [["block1", ""]]
-    assert any("every pair needs" in p for p in forms.form_to_spec(form)[1])
+    assert ("loss.0.pairs", "loss.0.positions: every pair needs a teacher tap and a student tap") in \
+        forms.form_to_spec(form)[1]
 
 
 def test_no_teacher_drops_the_teacher_fields_and_defaults_are_not_written():
@@ -239,12 +247,16 @@ def test_handlers_build_events(tmp_path):
     slots = [form[f"loss.{i}.{k}"] for i in range(forms.MAX_TERMS) for k in forms.TERM_KEYS]
     count, *terms = h.remove_term(0, 3, *slots)
     assert count == 2 and terms[0] == "kd" and terms[5] == "at" and terms[10] == ""
-    t_table, s_table, note, *taps = h.trace("conv1", True, *h.values(form))
-    assert t_table == [] and [r[0] for r in s_table][:2] == ["conv1", "block1.0.conv1"] and "no teacher" in note
-    assert len(taps) == 2 * forms.MAX_TERMS and "conv1" in taps[1]["choices"][0]
-    views = h.term_views(*h.values({**form, "loss.count": 2, **forms.new_term(1, "at")}))
+    t_table, s_table, note = h.trace("conv1", True, *[form[k] for k in TRACE_KEYS])
+    assert "no teacher" in t_table and "no teacher" in note
+    assert s_table.index(">conv1<") < s_table.index(">block1.0.conv1<") and 'data-rows="4"' in s_table
+    taps = h.tap_choices(*[form[k] for k in TAP_KEYS])
+    assert taps == [gr.skip()] * (2 * forms.MAX_TERMS)  # no pair editor open: no choices sent
+    taps = h.tap_choices(*[{**form, "loss.1.positions": "pairs"}[k] for k in TAP_KEYS])
+    assert taps[0] == gr.skip() and taps[3]["choices"][0] == "conv1"
+    views = h.term_views(*[{**form, "loss.count": 2, **forms.new_term(1, "at")}[k] for k in TERM_VIEW_KEYS])
     assert [v["visible"] for v in views[:8:4]] == [True, True] and views[5]["visible"] is True
-    assert "auto positions show once both models trace" in views[7]
+    assert "positions show once both models trace" in views[7] and 'data-pairs="0"' in views[-1]
     message, choices = h.save("my-run.yaml", False, *h.values(form))
     assert message.startswith("saved") and "my-run.yaml" in choices["choices"]
     assert h.save("my-run.yaml", False, *h.values({**form, "name": "other"}))[0].startswith("⚠")
@@ -257,20 +269,20 @@ def test_handlers_start_and_follow_a_run(tmp_path, make_manager):
     manager = make_manager()
     h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
     form = forms.spec_to_form(forms.NEW_SPEC)
-    message, tab, _ = h.start("my-run.yaml", [], False, *h.values({**form, "student.model": "nonet"}))
-    assert message.startswith("⚠ the spec has 1 problem(s)") and tab == gr.skip()
+    message, tab, _, timer = h.start("my-run.yaml", [], False, *h.values({**form, "student.model": "nonet"}))
+    assert message.startswith("⚠ the spec has 1 problem(s)") and tab == gr.skip() and timer == gr.skip()
     # the fake engine reads its launch spec as JSON: a valid kdgraph spec is not, so give it its own text
     manager.submit_run("my-run", json.dumps({"epochs": 3, "epoch_seconds": 0.3}))
     wait_for(manager, lambda: state(manager, "my-run") == "running")
-    panel = h.run_panel("my-run", "")
-    assert "my-run: running" in panel[0] and panel[1] is None and panel[-1] == "my-run|"
+    panel = h.run_panel("my-run")
+    assert "my-run: running" in panel[0] and "no data yet" in panel[1]
     wait_for(manager, lambda: (tmp_path / "runs" / "my-run" / "metrics.jsonl").exists())
-    panel = h.run_panel("my-run", panel[-1])
-    assert panel[1] is None  # new series: cleared first ...
-    panel = h.run_panel("my-run", panel[-1])
-    assert set(panel[1]["series"]) == {"loss", "loss/ce", "test_loss"}  # ... drawn next time
-    assert set(panel[2]["value"]["series"]) == {"train_top1", "test_top1"}
-    assert panel[2]["y_title"] == "top-1 (%)"  # no top-5 series: the axis does not promise one
+    panel = h.run_panel("my-run", [], "test_top1", 0.0, "")
+    labels = lambda svg: set(re.findall(r'class="series" data-label="([^"]+)"', svg))  # noqa: E731
+    assert labels(panel[1]) == {"loss", "loss/ce", "test_loss"} and labels(panel[2]) == {"train_top1", "test_top1"}
+    assert "top-1 (%)" in panel[2] and "top-5" not in panel[2]  # no top-5 series: the axis does not promise one
+    assert "fake: epochs" in panel[6] and panel[-1].endswith("fake: epochs 1..3") and "<b>=== " in panel[6]
+    assert h.run_panel("my-run", [], "test_top1", 0.0, panel[-1])[6] == gr.skip()  # the same log: left alone
     assert h.stop("my-run").startswith("my-run: asked to stop")
     wait_for(manager, lambda: state(manager, "my-run") == "ended")
     status = h.run_status("my-run")
@@ -488,11 +500,11 @@ def test_names_outside_the_runs_folder_are_refused_everywhere(tmp_path, make_man
             continue  # the handlers answer "select a run first" to an empty name
         answers = [h.run_status(bad), h.sweep_status(bad)]
         assert all(set(a) == {"error"} and "cannot name a directory" in a["error"] for a in answers), answers
-        panel, sweep = h.run_panel(bad, ""), h.sweep_panel(bad)
-        assert panel[0].startswith("⚠") and panel[6]["interactive"] is False and panel[7]["interactive"] is False
+        panel, sweep = h.run_panel(bad), h.sweep_panel(bad)
+        assert panel[0].startswith("⚠") and panel[9]["interactive"] is False and panel[10]["interactive"] is False
         assert sweep[0].startswith("⚠") and sweep[-1]["interactive"] is False
         assert h.stop(bad).startswith("⚠") and h.resume(bad).startswith("⚠")
-        assert "S3CRET" not in json.dumps([answers, panel[0], panel[3:6], sweep[0], sweep[3]], default=str)
+        assert "S3CRET" not in json.dumps([answers, *panel, *sweep], default=str)
     with pytest.raises(UserError, match="cannot name a directory"):
         manager.stop("../outside")
     assert not (tmp_path / "runs" / ".." / "outside" / jobs.OUTPUT_LOG).exists()  # nothing was launched there
@@ -633,15 +645,15 @@ def test_stop_and_resume_buttons_follow_the_run_status(tmp_path, make_manager):
     h = Handlers(tmp_path / "specs", tmp_path / "runs", manager)
     manager.submit_run("r", json.dumps({"epochs": 500}))
     wait_for(manager, lambda: (tmp_path / "runs" / "r" / "summary.json").exists())
-    stop, resume = h.run_panel("r", "")[6:8]
+    stop, resume = h.run_panel("r")[9:11]
     assert stop == {"interactive": True, "variant": "stop", "__type__": "update"} and resume["interactive"] is False
     manager.stop("r")
     wait_for(manager, lambda: state(manager, "r") == "ended")
-    stop, resume = h.run_panel("r", "")[6:8]
+    stop, resume = h.run_panel("r")[9:11]
     assert stop["interactive"] is False and stop["variant"] == "secondary" and resume["interactive"] is True
     manager.submit_run("done", json.dumps({"epochs": 1}))
     wait_for(manager, lambda: state(manager, "done") == "ended")
-    stop, resume = h.run_panel("done", "")[6:8]
+    stop, resume = h.run_panel("done")[9:11]
     assert (stop["interactive"], stop["variant"], resume["interactive"]) == (False, "secondary", False)
 
 
@@ -731,3 +743,105 @@ def test_run_view_says_latest_top1_teacher_first_and_chance_level(tmp_path):
     assert "final top-1 60.00%" in md and "chance level" not in md
     assert runs.chance_note({"teacher_top1": 1.0, "dataset": "package.module:callable"}) is None
     assert runs.chance_note({"teacher_top1": 2.5, "dataset": "cifar100"}) is not None
+
+
+# ------------------------------------------------------------------------ validation where the mistake is
+def test_an_unreadable_value_stays_in_the_spec_and_is_marked_at_its_field(tmp_path):
+    form = forms.spec_to_form({**forms.NEW_SPEC, "teacher": {"model": "wrn-16-2", "checkpoint": "t.pt"},
+                               "loss": [{"method": "ce"}, {"method": "kd"}, {"method": "at"}]})
+    form["loss.1.weight"] = "abc"
+    form["loss.2.params"] = [["p", "[2", "2.0"]]
+    form["data.batch_size"] = 64
+    text, problems, form_problems = forms.preview(form, tmp_path / "f.yaml")
+    data = yaml_load(text)
+    assert [t["method"] for t in data["loss"]] == ["ce", "kd", "at"]  # no term dropped: indices stay right
+    assert data["loss"][1]["weight"] == "abc" and data["loss"][2]["p"] == "[2"
+    assert [k for k, _ in form_problems] == ["loss.1.weight", "loss.2.params"]
+    assert any(p[3] == "loss.1.weight" for p in problems)  # the validator names the same term
+    errors = fielderrors.field_errors(problems, form_problems, form)
+    assert set(errors) >= {"loss.1.weight", "loss.2.params"}
+    assert errors["loss.1.weight"] == ["'abc' is not a number (leave it empty for the default)"]
+    line = forms.preview_line(next(p for p in problems if p[3] == "loss.1.weight"), tmp_path / "f.yaml")
+    assert line.startswith("line ") and "f.yaml" not in line  # the preview's lines, not an unsaved file
+    css = fielderrors.error_css({"name": ["</style><script>x</script> \"quoted\"\nnext"]})
+    assert "<script>" not in css and css.count("</style>") == 1 and "#name::after" in css
+
+
+@pytest.mark.parametrize("path,field", [
+    ("loss.1.weight", "loss.1.weight"), ("loss.0.temperature", "loss.0.params"), ("loss.2", "loss.2.method"),
+    ("loss.0.positions.1.0", "loss.0.pairs"), ("loss.1.positions", "loss.1.positions"),
+    ("data.options.size", "data.options"), ("train.optimizer.lr", "train.optimizer.lr"), ("teacher", None),
+    ("", None), ("loss.9.weight", "loss.count")])
+def test_each_key_path_has_its_field(path, field):
+    form = {"loss.0.positions": "pairs", "loss.1.positions": "auto"}
+    assert fielderrors.field_of(path, form) == field
+
+
+def test_the_at_weight_hint_accounts_for_map_sizes():
+    digits = forms.spec_to_form({**forms.NEW_SPEC, "teacher": {"model": "wrn-16-2", "checkpoint": "t.pt"},
+                                 "loss": [{"method": "ce"}, {"method": "at"}]})
+    teacher, student, _ = forms.form_layers(digits)
+    info = forms.term_info(digits, 1, teacher, student)
+    # 16x16 digits: maps 16x16, 8x8, 4x4 -- 4 times the loss of CIFAR's 32x32, 16x16, 8x8 (README: at on digits)
+    assert "acts like 4000" in info and "**250** here matches the canonical weight" in info
+    cifar = {**digits, "data.dataset": "cifar10"}
+    teacher, student, _ = forms.form_layers(cifar)
+    assert "weight for these maps" not in forms.term_info(cifar, 1, teacher, student)
+    assert "weight for these maps" not in forms.term_info({**digits, "loss.1.method": "fitnet"}, 1, *forms.form_layers(
+        digits)[:2])  # fitnet's loss is a mean: no hint
+
+
+# ------------------------------------------------------------------------------- the Runs tab, consistent
+def test_running_runs_come_first_and_device_and_elapsed_read_alike(tmp_path, make_manager):
+    runs_dir = tmp_path / "runs"
+    _run(tmp_path, "old-running", {"status": "running", "epochs": 3})  # a CLI run that died long ago
+    os.utime(runs_dir / "old-running" / "summary.json", (time.time() - 1000,) * 2)
+    os.utime(runs_dir / "old-running" / "log.txt", (time.time() - 1000,) * 2)
+    os.utime(runs_dir / "old-running", (time.time() - 1000,) * 2)
+    _run(tmp_path, "live", {"status": "running", "epochs": 3})
+    _run(tmp_path, "just-finished", {"status": "finished", "epochs": 3, "device": "cpu", "wall_seconds": 5})
+    os.utime(runs_dir / "live" / "summary.json", (time.time() - 30,) * 2)
+    os.utime(runs_dir / "live" / "log.txt", (time.time() - 30,) * 2)
+    assert runs.run_names(runs_dir, {})[0] == "live"  # the running one, not the one that just finished
+    job = {"kind": "run", "state": "ended", "assigned": [], "started": 100.0, "ended": 112.0, "exit": 0,
+           "base_seconds": 0.0}
+    row = runs.runs_table(runs_dir, {"just-finished": job})
+    finished = next(r for r in row if r[0] == "just-finished")
+    view = runs.run_view(runs_dir, "just-finished", job)
+    assert finished[9] == "cpu" and "device: cpu" in view["markdown"]  # one spelling
+    assert finished[10] == "0:00:12" and "elapsed 0:00:12" in view["markdown"]  # one clock
+
+
+def test_a_resumed_runs_clock_goes_on(tmp_path, make_manager):
+    manager = make_manager()
+    previous = jobs.Job(name="r", started=100.0, ended=190.0, base_seconds=10.0)
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "summary.json").write_text(json.dumps({"wall_seconds": 80.0}))
+    assert manager._elapsed(previous, tmp_path / "runs" / "r") == 100.0  # 10 + 90 s of process, not 80
+    assert manager._elapsed(None, tmp_path / "runs" / "r") == 80.0
+
+
+def test_compare_overlays_runs_per_epoch_and_per_step(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for name, top1 in (("a", 50.0), ("b", 70.0)):
+        d = _run(tmp_path, name, {"status": "finished", "epochs": 2})
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.0 / e, "loss/at": 0.1,
+                                                             "test_top1": top1 + e}) + "\n" for e in (1, 2)))
+        (d / "steps.jsonl").write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 2.0 / s}) + "\n"
+                                               for s in range(1, 9)))
+    choices = [v for _, v in runs.compare_metrics(runs_dir, ["a", "b"])]
+    assert choices[:3] == ["test_top1", "loss", "step:loss"] and "loss/at" in choices
+    svg = runs.compare_chart(runs_dir, ["a", "b", "a", "../x"], "test_top1")
+    assert re.findall(r'class="series" data-label="([^"]+)"', svg) == ["a", "b"]
+    steps = runs.compare_chart(runs_dir, ["a", "b"], "step:loss", smoothing=0.5)
+    assert steps.count('class="series faint"') == 2 and steps.count('class="series"') == 2
+    assert runs.tensorboard_command(runs_dir, ["a"]) is None
+    (runs_dir / "a" / "tb").mkdir()
+    (runs_dir / "b" / "tb").mkdir()
+    assert runs.tensorboard_command(runs_dir, ["a"]) == f"tensorboard --logdir {(runs_dir / 'a' / 'tb').resolve()}"
+    assert "--logdir_spec" in runs.tensorboard_command(runs_dir, ["a", "b"])
+
+
+def test_the_log_view_keeps_its_end_in_sight():
+    html_ = runs.log_html("=== attempt 1\nTraceback (most recent call last):\n" + "x\n" * 500 + "=== attempt 2\nok <b>")
+    assert "column-reverse" in html_ and "<b>=== attempt 2</b>" in html_ and "ok &lt;b&gt;" in html_

@@ -1,7 +1,8 @@
 """The web UI end to end: the app served on a free port, driven with gradio_client (build, validate, run,
 stop, resume, sweep) and in a real browser with Playwright and Debian's chromium.
 
-Set KDGRAPH_SCREENSHOT=PATH to keep the browser test's screenshot there (default: a file in the temp folder).
+Set KDGRAPH_SCREENSHOTS=DIR to keep the browser test's screenshots there (wiring.png, compare.png: the README's
+docs/ images come from `KDGRAPH_SCREENSHOTS=docs python -m pytest tests/test_ui_e2e.py -k browser`).
 """
 import json
 import os
@@ -81,12 +82,13 @@ def test_client_builds_validates_runs_stops_and_resumes(app):
     put("train.epochs", 2)
     put("train.max_steps_per_epoch", "5")
     put("log.tensorboard", False)
-    text, problems = client.predict("e2e-digits.yaml", *form, api_name="/preview")
-    assert problems == "valid" and "max_steps_per_epoch: 5" in text
+    text, problems, marks = client.predict("e2e-digits.yaml", *form, api_name="/preview")
+    assert problems == "valid" and "max_steps_per_epoch: 5" in text and 'data-count="0"' in marks
     bad = list(form)
     bad[FIELDS.index("student.model")] = "wrn-15-2"
-    problems = client.predict("e2e-digits.yaml", *bad, api_name="/preview")[1]
-    assert problems.startswith(f"{app.specs / 'e2e-digits.yaml'}:3:") and "student.model: Wide ResNet depth" in problems
+    _, problems, marks = client.predict("e2e-digits.yaml", *bad, api_name="/preview")
+    assert problems.startswith("line 3:") and "student.model: Wide ResNet depth" in problems
+    assert 'data-fields="student-model"' in marks  # the problem is marked at its field
 
     message = client.predict("e2e-digits.yaml", [], False, *form, api_name="/start_run")[0]
     assert message.startswith("e2e-digits: ")
@@ -134,70 +136,125 @@ def test_client_runs_a_sweep_and_gets_its_heatmap(app):
     assert Path(view["heatmap"]).exists()
 
 
-def test_browser_picks_models_sees_layers_starts_a_run_and_its_curve(app, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip)")
+def _browser(sync_api):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"the browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium); "
                     f"`playwright install` cannot download browsers here")
-    import torch
+    return sync_api.sync_playwright()
 
-    from kdgraph.models import build_model
 
-    teacher = tmp_path / "teacher.pt"
-    torch.save(build_model("wrn-16-2", num_classes=10).state_dict(), teacher)
+def test_browser_wires_at_runs_compares_stops_resumes_and_exports(app, tmp_path):
+    """The issue's walk-through: Build WRN-16-2 -> WRN-10-1 with `at` auto, see its three pairs, start the
+    run, overlay it with another run, stop, resume, export to ONNX. KDGRAPH_SCREENSHOTS=DIR keeps the
+    screenshots (the README's docs/wiring.png and docs/compare.png come from here)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip)")
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx and onnxscript: pip install 'kdgraph[export]'")
+    client = gradio_client.Client(app.url, verbose=False)
+    teacher = _train_teacher(client, app)
+    shots = Path(os.environ.get("KDGRAPH_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     expect = sync_api.expect
-    with sync_api.sync_playwright() as p:
+    with _browser(sync_api) as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             page.goto(app.url)
-            expect(page.locator("#problems textarea")).to_have_value("valid", timeout=30000)
-
-            def pick(elem_id, value):
-                box = page.locator(f"#{elem_id} input")
-                box.click()
-                box.fill(value)
-                box.press("Enter")
-
-            def fill(elem_id, value):
-                box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-                box.fill(value)
-                box.press("Tab")
-
-            pick("teacher-model", "wrn-16-2")
-            pick("student-model", "wrn-16-1")
-            fill("layer-filter", "block3.0.relu1")
-            for table in ("#teacher-layers", "#student-layers"):
-                expect(page.locator(table)).to_contain_text("block3.0.relu1:pre", timeout=30000)
-            pick("teacher-checkpoint", str(teacher))
-            fill("name", "browser-run")
-            fill("train-epochs", "2")
-            fill("train-max_steps_per_epoch", "3")
-            expect(page.locator("#yaml-preview")).to_contain_text("max_steps_per_epoch: 3", timeout=30000)
-            expect(page.locator("#load-choice input")).to_have_value("")  # no spec picked for you
-            page.wait_for_timeout(1500)  # the form reaches the browser's storage
-            page.reload()  # unsaved work survives a reload
-            expect(page.locator("#name input, #name textarea").first).to_have_value("browser-run", timeout=30000)
-            expect(page.locator("#build-message")).to_contain_text("restored", timeout=30000)
-            expect(page.locator("#yaml-preview")).to_contain_text("max_steps_per_epoch: 3", timeout=30000)
-            expect(page.locator("#yaml-preview")).to_contain_text("teacher.pt", timeout=30000)
-            page.locator("#add-term").click()
-            expect(page.locator("#loss-1-info")).to_contain_text("works on the logits", timeout=30000)
-            expect(page.locator("#yaml-preview")).to_contain_text("method: kd", timeout=30000)
-            expect(page.locator("#problems textarea")).to_have_value("valid", timeout=30000)
-            page.locator("#start-button").click()
-            expect(page.locator("#run-status")).to_contain_text("browser-run", timeout=30000)
-            expect(page.locator("#run-status")).to_contain_text("finished", timeout=120000)
-            expect(page.locator("#stop-button")).to_be_disabled(timeout=10000)  # a finished run: nothing to
-            expect(page.locator("#resume-button")).to_be_disabled(timeout=10000)  # stop or resume
-            expect(page.locator("#accuracy-plot")).to_contain_text("test_top1", timeout=30000)
-            expect(page.locator("#accuracy-plot svg .mark-line path")).to_have_count(2, timeout=30000)
-            expect(page.locator("#runs-table")).to_contain_text("browser-run", timeout=30000)
-            shot = tmp_path / "kdgraph-ui.png"
-            page.screenshot(path=str(shot), full_page=True)
+            expect(page.locator("#problems textarea")).to_have_value("valid", timeout=60000)
+            ui = _Page(page, expect)
+            _build_at_run(ui, teacher, shots)
+            _compare_stop_resume(ui, shots)
+            page.locator("#export-button").click()
+            expect(page.locator("#export-message")).to_contain_text("exported onnx", timeout=180000)
+            expect(page.locator("#export-message")).to_contain_text("outputs match the checkpoint's")
         finally:
             browser.close()
-    keep = Path(os.environ.get("KDGRAPH_SCREENSHOT") or Path(tempfile.gettempdir()) / "kdgraph-ui-screenshot.png")
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, keep)
-    print(f"screenshot: {keep} (and {shot})")
+    exported = app.runs / "browser-at" / "export"
+    assert (exported / "student.onnx").exists() and json.loads((exported / "export.json").read_text())["onnx"][
+        "max_abs_diff"] < 1e-3
+    print(f"screenshots in {shots}")
+
+
+def _train_teacher(client, app) -> Path:
+    """A WRN-16-2 trained for 3 epochs on digits through the API: the at run's teacher and the run it is
+    compared with."""
+    form = list(client.predict(api_name="/new_spec")[:len(FIELDS)])
+    for key, value in {"name": "e2e-teacher", "student.model": "wrn-16-2", "train.epochs": 3, "log.every": 5,
+                       "log.tensorboard": False}.items():
+        form[FIELDS.index(key)] = value
+    assert client.predict("e2e-teacher.yaml", [], False, *form, api_name="/start_run")[0].startswith("e2e-teacher")
+    status = poll(lambda: client.predict("e2e-teacher", api_name="/run_status"),
+                  lambda s: s.get("status") in ("finished", "failed"), timeout=600)
+    assert status["status"] == "finished", status["log"]
+    return app.runs / "e2e-teacher" / "checkpoints" / "best.pt"
+
+
+class _Page:
+    def __init__(self, page, expect):
+        self.page, self.expect = page, expect
+
+    def pick(self, elem_id, value):
+        box = self.page.locator(f"#{elem_id} input")
+        box.click()
+        box.fill(value)
+        box.press("Enter")
+
+    def fill(self, elem_id, value):
+        box = self.page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+        box.fill(value)
+        box.press("Tab")
+
+    def has(self, selector, text, timeout=60000):
+        self.expect(self.page.locator(selector)).to_contain_text(text, timeout=timeout)
+
+
+def _build_at_run(ui: _Page, teacher: Path, shots: Path) -> None:
+    page, expect = ui.page, ui.expect
+    ui.pick("teacher-model", "wrn-16-2")
+    ui.fill("layer-filter", "block3.0.relu1")
+    ui.has("#teacher-layers", "block3.0.relu1:pre")
+    ui.has("#student-layers", "block3.0.relu1:pre")
+    ui.pick("teacher-checkpoint", str(teacher))
+    ui.fill("name", "browser-at")
+    ui.fill("train-epochs", "4")
+    ui.fill("log-every", "5")
+    ui.has("#yaml-preview", "every: 5")
+    page.wait_for_timeout(1500)  # the form reaches the browser's storage
+    page.reload()  # unsaved work survives a reload
+    ui.has("#build-message", "restored")
+    ui.has("#yaml-preview", "teacher.pt" if teacher.name == "teacher.pt" else "best.pt")
+    page.locator("#add-term").click()
+    ui.has("#yaml-preview", "method: kd")
+    ui.pick("loss-1-method", "at")
+    ui.has("#yaml-preview", "positions: auto")
+    expect(page.locator("#wiring .pair[data-term='at']")).to_have_count(3, timeout=60000)
+    ui.has("#loss-1-info", "weight for these maps")  # at's 1000 is tuned for 32x32 maps; digits are 16x16
+    ui.has("#loss-1-info", "250")
+    ui.fill("loss-1-weight", "abc")  # a mistake is shown at its field, and the term stays in the spec
+    ui.has("#yaml-preview", "weight: abc")
+    expect(page.locator("#field-errors .field-errors")).to_have_attribute("data-fields", "loss-1-weight",
+                                                                         timeout=60000)
+    ui.fill("loss-1-weight", "250")
+    expect(page.locator("#problems textarea")).to_have_value("valid", timeout=60000)
+    expect(page.locator("#wiring .pair")).to_have_count(3, timeout=60000)
+    page.locator("#wiring").screenshot(path=str(shots / "wiring.png"))
+    page.locator("#start-button").click()
+    ui.has("#run-status", "browser-at", timeout=30000)
+
+
+def _compare_stop_resume(ui: _Page, shots: Path) -> None:
+    page, expect = ui.page, ui.expect
+    ui.pick("compare-runs", "e2e-teacher")
+    expect(page.locator("#compare-plot .series:not(.faint)")).to_have_count(2, timeout=120000)
+    ui.has("#run-log", "epoch 1 step 5/", timeout=300000)  # well before its end: stopped mid-epoch
+    page.locator("#stop-button").click()
+    ui.has("#run-status", "stopped", timeout=120000)
+    ui.has("#run-log", "stopped; resume with")
+    expect(page.locator("#resume-button")).to_be_enabled(timeout=30000)
+    page.locator("#resume-button").click()
+    ui.has("#run-status", "finished", timeout=600000)
+    ui.has("#run-log", "resuming")
+    expect(page.locator("#step-plot .series:not(.faint)").first).to_be_visible(timeout=30000)
+    expect(page.locator("#accuracy-plot .series[data-label='test_top1'] .marker")).to_have_count(4, timeout=30000)
+    page.wait_for_timeout(2500)  # one more poll: the compare chart has the run's last epoch
+    page.locator("#run-status").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "compare.png"), full_page=True)

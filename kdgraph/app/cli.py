@@ -32,6 +32,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf", action="append", default=[], help="module path or class kept opaque (repeatable)")
     p.add_argument("--filter", default="", help="only names containing this text")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("show", help="the wiring of a spec: both models by stage, every distillation pair and "
+                                    "its connector (text, or a picture with -o)")
+    _specs_arg(p, many=False)
+    p.add_argument("-o", "--out", metavar="FILE.svg", help="write the picture (SVG) there instead of printing text")
+    p = sub.add_parser("export", help="the student of a run alone (no teacher, no connectors), checked "
+                                      "against its checkpoint")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", default="state_dict", choices=["state_dict", "torchscript", "onnx", "exported"],
+                   help="state_dict (student.pt), torchscript, onnx (needs kdgraph[export]) or exported "
+                        "(torch.export, student.pt2); default state_dict")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default best)")
+    p.add_argument("--batch", type=int, default=8, help="random inputs the check compares outputs on (default 8)")
     p = sub.add_parser("models", help="list the registered models with parameter counts")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("sweep", help="run the grid of a spec's `sweep:` block")
@@ -224,6 +236,40 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from .. import spec as specs
+    from ..spec.check import check
+    from . import wiring
+
+    loaded = specs.load_all(args.spec, args.overrides)
+    if len(loaded) != 1:
+        raise UserError(f"{args.spec} holds {len(loaded)} specs: `kdgraph show` draws one (split the file, or "
+                        f"use --set to pick)")
+    problems = check(loaded[0])
+    if problems:
+        raise SpecError(problems)
+    drawn = wiring.from_spec(loaded[0])
+    if not args.out:
+        print(wiring.text(drawn))
+        return 0
+    if not args.out.endswith(".svg"):
+        raise UserError(f"-o {args.out}: the picture is an SVG file; name it FILE.svg")
+    from .rundir import write_text
+
+    write_text(args.out, wiring.svg(drawn))
+    print(f"wrote {args.out} ({len(drawn.links)} pair(s))")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, not {args.batch}")
+    export(args.run, args.format, args.checkpoint, batch=args.batch)
+    return 0
+
+
 def cmd_models(args) -> int:
     from ..models import list_models
 
@@ -283,7 +329,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "layers": cmd_layers,
-            "models": cmd_models, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "bench": cmd_bench}
+            "show": cmd_show, "export": cmd_export, "models": cmd_models, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

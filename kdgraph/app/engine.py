@@ -355,6 +355,7 @@ def train(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, signals: _Si
     _announce(t)
     if t.rank == 0:  # rows past the checkpoint (killed before it was written)
         rd.keep_metrics(t.state["epoch"])
+        rd.keep_steps(max(t.state["epoch"], 0) * steps_per_epoch(t) + (t.state["step"] if t.state["epoch"] >= 0 else 0))
     for epoch in range(t.state["epoch"], t.train["epochs"]):
         stage = begin_stage(t, epoch)
         started = time.time()
@@ -387,9 +388,10 @@ class Training:
     """What the phases of one run share: built by :func:`build`, advanced by the epochs.
 
     ``state`` is what the last checkpoint records: ``epoch`` and ``step`` (where to continue; ``epoch`` < 0
-    inside the pre-training stage), ``best`` and ``best_epoch``, and ``sums`` (a partial epoch's loss,
-    correct, seen and per-term sums on this rank). ``main`` is the distillation stage, ``init`` the
-    pre-training stage (None when no term has ``init_epochs``).
+    inside the pre-training stage), ``best`` and ``best_epoch``, ``sums`` (a partial epoch's loss,
+    correct, seen and per-term sums on this rank) and ``window`` (the same sums since the last per-step
+    row, rank 0's: ``steps.jsonl``). ``main`` is the distillation stage, ``init`` the pre-training stage
+    (None when no term has ``init_epochs``).
     """
 
     spec: specs.Spec
@@ -438,6 +440,8 @@ def build(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, runs_dir: Pa
         log.line(f"teacher {data['teacher']['model']}: test top-1 {summary['teacher_top1']:.2f}%")
     distiller.setup(_to(next(iter(test_loader))[0][:2], device, train["channels_last"]), batches=train_loader,
                     num_samples=len(train_loader.dataset), targets=train_targets(train_loader), seed=train["seed"])
+    if rank() == 0:
+        _draw_wiring(spec, rd, distiller, info, log)
     scaler = torch.amp.GradScaler(device.type, enabled=train["precision"] == "fp16")
     if train["compile"]:
         distiller.compile_forwards()
@@ -473,6 +477,19 @@ def begin_stage(t: Training, epoch: int) -> Stage:
             stage.step_fn = DDP(t.distiller, device_ids=[t.device.index] if t.device.type == "cuda" else None,
                                 static_graph=not stage.init, find_unused_parameters=stage.init)
     return stage
+
+
+def _draw_wiring(spec: specs.Spec, rd: RunDir, distiller: Distiller, info: DatasetInfo, log: Logger) -> None:
+    """The picture of what this run distils, where (``wiring.svg``); a picture that fails is only logged."""
+    from . import wiring
+
+    data = spec.data
+    try:
+        drawn = wiring.from_distiller(distiller, info.input_shape, data["student"]["model"],
+                                      (data.get("teacher") or {}).get("model"))
+        rd.write_wiring(wiring.svg(drawn))
+    except Exception as e:  # noqa: BLE001 -- a drawing never stops a run
+        log.line(f"wiring picture not drawn: {type(e).__name__}: {e}")
 
 
 def _device(train: dict) -> torch.device:
@@ -626,19 +643,18 @@ def train_epoch(t: Training, stage: Stage, epoch: int, signals: _Signals) -> dic
     the last checkpoint is written and :class:`Stopped` raised.
     """
     loader, train = t.train_loader, t.train
-    loader.sampler.set_epoch(epoch)  # the full epoch's length, not a resumed epoch's remainder
-    steps = len(loader) if train["max_steps_per_epoch"] is None else min(train["max_steps_per_epoch"], len(loader))
+    steps = steps_per_epoch(t, epoch)
     loader.sampler.set_epoch(epoch, t.state["step"] * loader.batch_size)
     loader.generator.manual_seed(train["seed"] * 100003 + epoch + 7919 * t.rank)  # worker seeds
     if stage.init:
         t.distiller.init_mode(epoch)
     else:
         t.distiller.train()
-    sums = t.state["sums"] or {"loss": 0.0, "correct": 0, "seen": 0, "labelled": 0,
-                               **{n: 0.0 for n in _names(t, epoch)}}
+    sums = t.state["sums"] or _zero_sums(_names(t, epoch))
     sums.setdefault("labelled", sums["seen"])  # a checkpoint written before labels were counted
     bar = _progress(steps, t.state["step"], _epoch_name(t, epoch, of=True), t.rank == 0)
-    i = t.state["step"]
+    i, every = t.state["step"], t.spec.data["log"]["every"]
+    window = t.state.get("window") or _zero_sums(_names(t, epoch))  # the steps since the last per-step row
     for x, y, index in loader:
         if i >= steps:
             break
@@ -647,18 +663,47 @@ def train_epoch(t: Training, stage: Stage, epoch: int, signals: _Signals) -> dic
         if s.failed:
             raise _non_finite(t, s, epoch, i)
         _add(sums, s, y)
+        _add(window, s, y)
         i += 1
         bar.update(1)
         bar.set_postfix_str(f"loss {sums['loss'] / sums['seen']:.4f} lr {s.lr:.4g}", refresh=False)
-        if not bar.interactive and i % t.spec.data["log"]["every"] == 0:
-            t.log.line(f"{_epoch_name(t, epoch)} step {i}/{steps} loss {sums['loss'] / sums['seen']:.4f}")
+        if i % every == 0:
+            if not bar.interactive:
+                t.log.line(f"{_epoch_name(t, epoch)} step {i}/{steps} loss {sums['loss'] / sums['seen']:.4f}")
+            if not stage.init:
+                log_steps(t, window, epoch * steps + i, epoch + i / steps, s.lr)
+            window = _zero_sums(_names(t, epoch))
         if s.stop:
-            t.state.update(epoch=epoch, step=i, sums=sums)
+            t.state.update(epoch=epoch, step=i, sums=sums, window=window)
             save_checkpoint(t, "last")
             bar.close()
             raise Stopped()
     bar.close()
     return sums
+
+
+def steps_per_epoch(t: Training, epoch: int = 0) -> int:
+    """The optimiser steps of an epoch: the loader's batches, at most ``train.max_steps_per_epoch``."""
+    loader = t.train_loader
+    loader.sampler.set_epoch(epoch)  # the full epoch's length, not a resumed epoch's remainder
+    limit = t.train["max_steps_per_epoch"]
+    return len(loader) if limit is None else min(limit, len(loader))
+
+
+def _zero_sums(names: list[str]) -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "labelled": 0, **{n: 0.0 for n in names}}
+
+
+def log_steps(t: Training, window: dict, global_step: int, epochs: float, lr: float) -> None:
+    """One row of the per-step training loss of distillation (rank 0's batches since the last row):
+    ``steps.jsonl`` and TensorBoard ``step/...``."""
+    if t.rank != 0 or not window["seen"]:
+        return
+    seen = window["seen"]
+    row = {"step": global_step, "epoch": round(epochs, 6), "lr": lr, "loss": window["loss"] / seen,
+           **{f"loss/{n}": window[n] / seen for n in t.distiller.names}}
+    t.rd.append_steps(row)
+    t.log.scalars({f"step/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, global_step)
 
 
 def _names(t: Training, epoch: int) -> list[str]:
@@ -727,7 +772,7 @@ def init_metrics(t: Training, epoch: int, sums: dict) -> dict:
 def end_init_epoch(t: Training, epoch: int, row: dict) -> None:
     """Close pre-training ``epoch``: the last checkpoint (the next distillation epoch, from 0, starts with a
     fresh optimiser), its row into the metrics, TensorBoard (``init/...``) and the summary, a log line."""
-    t.state.update(epoch=epoch + 1, step=0, sums=None)
+    t.state.update(epoch=epoch + 1, step=0, sums=None, window=None)
     save_checkpoint(t, "last")
     if t.rank == 0:
         t.rd.append_metrics(row)
@@ -754,7 +799,7 @@ def end_epoch(t: Training, epoch: int, row: dict) -> None:
     improved = row["test_top1"] > t.state["best"]
     if improved:
         t.state.update(best=row["test_top1"], best_epoch=epoch + 1)
-    t.state.update(epoch=epoch + 1, step=0, sums=None)
+    t.state.update(epoch=epoch + 1, step=0, sums=None, window=None)
     save_checkpoint(t, "last")
     if improved:
         save_checkpoint(t, "best")

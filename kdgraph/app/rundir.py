@@ -5,8 +5,11 @@
 * ``spec.yaml`` -- the resolved spec, the files it names made absolute;
 * ``summary.json`` -- the run's state (status, epochs done, best and final top-1, ...), from its first second;
 * ``metrics.jsonl`` -- one JSON line per epoch (pre-training epochs marked ``"stage": "init"``);
+* ``steps.jsonl`` -- the training loss every ``log.every`` steps (mean over those steps, each term too);
+* ``wiring.svg`` -- the picture of the distillation's wiring (:mod:`kdgraph.app.wiring`);
 * ``checkpoints/last.pt`` (every epoch's end, and a stop) and ``checkpoints/best.pt`` (the best epoch);
-* ``log.txt``, TensorBoard events in ``tb/``, and ``.lock`` (held while a ``from_spec`` teacher trains).
+* ``log.txt``, TensorBoard events in ``tb/``, and ``.lock`` (held while a ``from_spec`` teacher trains);
+* ``export/`` -- the student alone, written by ``kdgraph export`` (:mod:`kdgraph.app.export`).
 
 :class:`RunDir` gives their paths, reads them (a missing or half-written file reads as empty) and writes
 them (JSON atomically: a reader sees the old file or the new one). A run's ``status`` is one of
@@ -63,6 +66,9 @@ class RunDir:
 
     SUMMARY = "summary.json"
     METRICS = "metrics.jsonl"
+    STEPS = "steps.jsonl"
+    WIRING = "wiring.svg"
+    EXPORT = "export"
     SPEC = "spec.yaml"
     LOG = "log.txt"
     TENSORBOARD = "tb"
@@ -83,6 +89,18 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / self.METRICS
+
+    @property
+    def steps_file(self) -> Path:
+        return self.path / self.STEPS
+
+    @property
+    def wiring_file(self) -> Path:
+        return self.path / self.WIRING
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / self.EXPORT
 
     @property
     def spec_file(self) -> Path:
@@ -151,19 +169,12 @@ class RunDir:
         """The per-epoch rows of ``metrics.jsonl`` of ``stage``: ``distill`` (the epochs that train and test the
         student), or ``init`` (the terms' pre-training epochs, rows marked ``"stage": "init"``). A partly
         written last line is ignored."""
-        try:
-            lines = self.metrics_file.read_text().splitlines()
-        except OSError:
-            return []
-        rows = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "epoch" in row and row.get("stage", "distill") == stage:
-                rows.append(row)
-        return rows
+        return [r for r in _json_lines(self.metrics_file, "epoch") if r.get("stage", "distill") == stage]
+
+    def steps(self) -> list[dict]:
+        """The rows of ``steps.jsonl``: ``step`` (optimiser steps so far), ``epoch`` (epochs so far, a
+        fraction), ``lr``, ``loss`` and ``loss/NAME`` (means over the steps since the previous row)."""
+        return _json_lines(self.steps_file, "step")
 
     def best_top1(self, summary: dict | None = None) -> float | None:
         """The run's best test top-1: the summary's, else the best epoch's in ``metrics.jsonl``."""
@@ -198,9 +209,19 @@ class RunDir:
 
     def keep_metrics(self, epochs: int) -> None:
         """Drop the rows past epoch ``epochs`` (written after the checkpoint a run resumes from)."""
-        if self.metrics_file.exists():
-            kept = [r for r in self.metrics_file.read_text().splitlines() if json.loads(r)["epoch"] <= epochs]
-            self.metrics_file.write_text("".join(r + "\n" for r in kept))
+        _keep_lines(self.metrics_file, "epoch", epochs)
+
+    def append_steps(self, row: dict) -> None:
+        with open(self.steps_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def keep_steps(self, step: int) -> None:
+        """Drop the step rows past optimiser step ``step`` (written after the checkpoint a run resumes from)."""
+        _keep_lines(self.steps_file, "step", step)
+
+    def write_wiring(self, svg: str) -> None:
+        """Write the wiring picture (an SVG document), atomically."""
+        write_text(self.wiring_file, svg)
 
     def save_checkpoint(self, which: str, obj: dict) -> None:
         """Write checkpoint ``which`` atomically."""
@@ -223,6 +244,30 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _json_lines(path: Path, key: str) -> list[dict]:
+    """The JSON objects with ``key`` of a JSON-lines file (a partly written last line is ignored)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and key in row:
+            rows.append(row)
+    return rows
+
+
+def _keep_lines(path: Path, key: str, last: float) -> None:
+    """Keep the lines of a JSON-lines file whose ``key`` is at most ``last`` (atomically)."""
+    if path.exists():
+        kept = [json.dumps(r) for r in _json_lines(path, key) if r[key] <= last]
+        write_text(path, "".join(r + "\n" for r in kept))
 
 
 def teacher_dir(teacher, runs_dir: str | Path) -> RunDir:

@@ -19,6 +19,7 @@ class Align(nn.Module):
     def __init__(self, student_shape: tuple, teacher_shape: tuple, channels: bool = True, always: bool = False,
                  spatial: bool = True):
         super().__init__()
+        self.shapes = (tuple(student_shape), tuple(teacher_shape))  # (student, teacher): for describe()
         s_c, t_c = student_shape[0], teacher_shape[0]
         self.project: nn.Module | None = None
         if channels and (always or s_c != t_c):
@@ -36,6 +37,19 @@ class Align(nn.Module):
             t_area = teacher_shape[1] * teacher_shape[2]
             self.pool_teacher = t_area > s_area
             self.size = tuple(student_shape[1:]) if self.pool_teacher else tuple(teacher_shape[1:])
+
+    def describe(self) -> str:
+        """What this connector does, in a few words: ``1x1 conv+BN 32->64, avg-pool teacher 32x32->16x16``,
+        ``none`` when it passes both values through."""
+        (s_shape, t_shape), parts = self.shapes, []
+        if isinstance(self.project, nn.Sequential):
+            parts.append(f"1x1 conv+BN {s_shape[0]}→{t_shape[0]}")
+        elif self.project is not None:
+            parts.append(f"linear {s_shape[0]}→{t_shape[0]}")
+        if self.size is not None:
+            who, shape = ("teacher", t_shape) if self.pool_teacher else ("student", s_shape)
+            parts.append(f"avg-pool {who} {shape[1]}x{shape[2]}→{self.size[0]}x{self.size[1]}")
+        return ", ".join(parts) or "none"
 
     def forward(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         if self.size is not None:
@@ -67,6 +81,13 @@ class ABF(nn.Module):
         self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
         nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
         nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def describe(self) -> str:
+        """``ABF fusion: 1x1 conv+BN 64->32, attention mix, 3x3 conv+BN ->128`` (this level's path to the teacher)."""
+        conv1, conv2 = self.conv1[0], self.conv2[0]
+        mix = ", attention mix with the deeper level" if self.att_conv is not None else ""
+        return (f"ABF: 1x1 conv+BN {conv1.in_channels}→{conv1.out_channels}{mix}, "
+                f"3x3 conv+BN →{conv2.out_channels}")
 
     def forward(self, x: Tensor, residual: Tensor | None = None,
                 out_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:

@@ -89,6 +89,9 @@ class Term(nn.Module):
             view of the teacher; its running statistics never move).
         init_epochs, lr_scale, synced_buffers: the pre-training stage, the learning-rate multiplier of
             the term's parameters, the buffers it keeps equal across processes (sections below).
+        weight_map_reference: for a loss whose value per position scales as 1/(H*W) of its map (AT), the
+            map sizes ``default_weight`` was tuned on; the UI then hints at the equivalent weight for the
+            maps of the spec's models.
 
     Args:
         weight: the term's weight in the total loss (default :attr:`default_weight`).
@@ -163,6 +166,9 @@ class Term(nn.Module):
     init_epochs = 0           # epochs of the pre-training stage (spec key ``init_epochs``)
     lr_scale = 1.0            # learning-rate multiplier of the term's own parameters (spec key ``lr_scale``)
     synced_buffers: tuple[str, ...] = ()  # buffers the term keeps equal across processes itself
+    # For a term whose loss per position scales as 1/(H*W) of its map: the map sizes its default_weight
+    # was tuned on (None: the weight does not depend on map sizes). Read by the UI's weight hint.
+    weight_map_reference: tuple[tuple[int, int], ...] | None = None
 
     def __init__(self, weight: float | None = None, warmup_epochs: float = 0.0):
         super().__init__()
@@ -195,6 +201,13 @@ class Term(nn.Module):
         feature layers; their classifier is left alone).
         """
         return [p for p in self.parameters() if p.requires_grad]
+
+    def connectors(self) -> list[str]:
+        """What sits between each pair's values and the loss (after :meth:`setup`), one line per pair of
+        :attr:`pairs`: e.g. ``1x1 conv+BN 32→64``, ``none``. Here: the term's own modules, if any (the
+        wiring picture of ``kdgraph show`` and the UI draws these)."""
+        own = sorted({type(m).__name__ for m in self.children()})
+        return [", ".join(own) if own else "none"] * len(self.pairs)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, pairs={self.pairs}"
@@ -236,6 +249,11 @@ class FeatureTerm(Term):
             Align(ctx.student_shapes[s], ctx.teacher_shapes[t], channels=self.connect_channels,
                   always=self.always_connect, spatial=self.match_spatial)
             for t, s in self.pairs)
+
+    def connectors(self) -> list[str]:
+        """Each pair's :class:`~kdgraph.losses.connectors.Align` described (see :meth:`Term.connectors`)."""
+        align = getattr(self, "align", None)
+        return [a.describe() for a in align] if align is not None else ["built at setup"] * len(self.pairs)
 
     def pairs_of(self, out: Outputs):
         """The aligned ``(student, teacher)`` feature tensors of each pair, in ``self.pairs`` order."""
@@ -308,6 +326,9 @@ class AT(FeatureTerm):
 
     default_weight = 1000.0
     connect_channels = False  # attention maps average the channels away
+    # Each position's loss is a mean over its H*W normalised attention values, so it scales as 1/(H*W): the
+    # canonical weight holds for the group outputs of a WRN on 32x32 CIFAR images (the UI's weight hint).
+    weight_map_reference = ((32, 32), (16, 16), (8, 8))
 
     def __init__(self, weight=None, warmup_epochs=0.0, p: float = 2.0):
         super().__init__(weight, warmup_epochs)
@@ -528,6 +549,10 @@ class CRD(Term):
             self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
             self.register_buffer("class_count", counts, persistent=False)
 
+    def connectors(self) -> list[str]:
+        """The embedding heads and memory banks (see :meth:`Term.connectors`)."""
+        return [f"linear heads →{self.embed_dim}-d, memory banks"] * len(self.pairs)
+
     def get_extra_state(self) -> dict:
         return {"z": list(self.z), "draws": self.draws}
 
@@ -638,6 +663,11 @@ class ReviewKD(Term):
         deepest = len(self.pairs) - 1  # fusions run deep to shallow; the deepest level has nothing to fuse
         self.abfs = nn.ModuleList(ABF(s_shapes[i][0], mid, t_channels[i], fuse=i < deepest)
                                   for i in reversed(range(len(self.pairs))))
+
+    def connectors(self) -> list[str]:
+        """Each level's ABF path (:meth:`~kdgraph.losses.connectors.ABF.describe`), shallow to deep."""
+        abfs = getattr(self, "abfs", None)
+        return [abf.describe() for abf in reversed(abfs)] if abfs is not None else ["built at setup"] * len(self.pairs)
 
     def forward(self, out: Outputs) -> Tensor:
         students = [_as_map(out.feats[s]) for _, s in self.pairs][::-1]

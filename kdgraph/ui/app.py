@@ -1,19 +1,25 @@
-"""The kdgraph web UI: build specs, start and follow runs, run sweeps. ``kdgraph ui`` calls :func:`serve`.
+"""The kdgraph web UI: build specs, start and follow runs, compare them, run sweeps. ``kdgraph ui`` calls
+:func:`serve`.
 
-Three tabs: **Build** (a form for every spec key, both models' layer tables, a live YAML preview checked
-like ``kdgraph validate``; load, save and start), **Runs** (every run of the runs folder, curves, log, stop
-and resume) and **Sweeps** (start a sweep spec, watch its grid). The logic lives in
-:mod:`~kdgraph.ui.forms`, :mod:`~kdgraph.ui.runs` and :mod:`~kdgraph.ui.jobs`; this module lays out the
-widgets and wires their events to :class:`~kdgraph.ui.handlers.Handlers`. Endpoints a script may call
-with ``gradio_client`` have names: ``/new_spec``, ``/load_spec``, ``/preview``, ``/trace``,
-``/save_spec``, ``/start_run`` (inputs: file name, GPUs, overwrite, then the form in
-:data:`~kdgraph.ui.forms.FIELDS` order), ``/runs``, ``/run_status``, ``/stop_run``, ``/resume_run``,
-``/start_sweep``, ``/sweep_status`` and ``/stop_sweep``.
+Three tabs: **Build** (a form for every spec key, both models' layer tables, the wiring picture of the
+distillation, a live YAML preview checked like ``kdgraph validate`` with each problem marked at its
+field; load, save and start), **Runs** (every run of the runs folder: curves per epoch and per step,
+runs overlaid, the log's end, stop, resume and export) and **Sweeps** (start a sweep spec, watch its
+grid). The logic lives in :mod:`~kdgraph.ui.forms`, :mod:`~kdgraph.ui.views`, :mod:`~kdgraph.ui.runs` and
+:mod:`~kdgraph.ui.jobs`; this module lays out the widgets and wires their events to
+:class:`~kdgraph.ui.handlers.Handlers`. Endpoints a script may call with ``gradio_client`` have names:
+``/new_spec``, ``/load_spec``, ``/preview`` (file name and the form in :data:`~kdgraph.ui.forms.FIELDS`
+order; returns the YAML, the problems and the field marks), ``/trace`` (filter, pre-activations, then the
+fields of :data:`~kdgraph.ui.handlers.TRACE_KEYS`), ``/save_spec``, ``/start_run`` (inputs: file name,
+GPUs, overwrite, then the form), ``/runs``, ``/run_status``, ``/stop_run``, ``/resume_run``,
+``/export_run`` (run name, format), ``/start_sweep``, ``/sweep_status`` and ``/stop_sweep``.
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -22,13 +28,14 @@ from kdgraph.spec import schema
 
 from . import forms
 from .forms import FIELDS, MAX_TERMS, NEW_SPEC, TERM_KEYS
-from .handlers import Handlers
+from .handlers import EXPORT_FORMATS, TAP_KEYS, TERM_VIEW_KEYS, TRACE_KEYS, Handlers
 from .jobs import JobManager, gpu_list
 from .runs import RUN_HEADERS
 
 POLL_SECONDS = 2.0
 FORM_STORAGE_KEY = "kdgraph-ui-build-form"
-LAYER_WIDTHS = ["38%", "27%", "14%", "21%"]
+PRIVATE = dict(api_visibility="private")
+QUIET = dict(show_progress="hidden")  # no spinner over widgets refreshed in the background
 
 
 def model_choices() -> list[str]:
@@ -47,310 +54,390 @@ def _enum(*path: str) -> list[str]:
     return list(node["enum"])
 
 
-def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
-    """The page (a :class:`gr.Blocks`) for ``handlers``; ``gpus`` are the names of the GPUs to offer."""
+class _Fields:
+    """Makes the form's widgets, each under its :data:`FIELDS` key in ``self.c``, filled from ``form``."""
+
+    def __init__(self, form: dict):
+        self.form, self.c = form, {}
+
+    def _add(self, key: str, widget):
+        self.c[key] = widget
+        return widget
+
+    def text(self, key: str, label: str, **kw):
+        return self._add(key, gr.Textbox(value=self.form[key], label=label, elem_id=key.replace(".", "-"), **kw))
+
+    def number(self, key: str, label: str, integer: bool = False, **kw):
+        return self._add(key, gr.Number(value=self.form[key], label=label, precision=0 if integer else None,
+                                        elem_id=key.replace(".", "-"), **kw))
+
+    def check(self, key: str, label: str, **kw):
+        return self._add(key, gr.Checkbox(value=self.form[key], label=label, elem_id=key.replace(".", "-"), **kw))
+
+    def choice(self, key: str, label: str, choices: list, custom: bool = False, **kw):
+        return self._add(key, gr.Dropdown(choices=choices, value=self.form[key], label=label,
+                                          allow_custom_value=custom, elem_id=key.replace(".", "-"), **kw))
+
+
+# ----------------------------------------------------------------------------------------- the Build tab
+def _data_section(f: _Fields) -> SimpleNamespace:
     from kdgraph.data import DATASETS
+
+    with gr.Accordion("Data", open=True):
+        with gr.Row():
+            f.choice("data.dataset", "dataset", DATASETS.names(), custom=True, info="or package.module:callable")
+            f.text("data.root", "root")
+            f.number("data.batch_size", "batch size", integer=True)
+            f.text("data.test_batch_size", "test batch size", placeholder="2 x batch size")
+            f.choice("data.loader", "loader", _enum("data", "loader"),
+                     info="tensor: the data set on the device, batched augmentation")
+            f.number("data.workers", "loader workers", integer=True)
+        with gr.Row():
+            f.check("data.download", "download")
+            f.check("data.augment", "augment")
+            f.choice("data.pin_memory", "pin memory", list(forms.TRISTATE))
+            f.choice("data.persistent_workers", "persistent workers", list(forms.TRISTATE))
+        with gr.Row():
+            f.text("data.options", "options (YAML mapping)", placeholder="{size: 16}")
+            f.text("data.labels", "labels kept (the rest unlabelled)",
+                   placeholder="all; or {count: 40} or {fraction: 0.05}")
+        hint = gr.Markdown(forms.dataset_options(f.form["data.dataset"]), elem_id="options-hint")
+    return SimpleNamespace(options_hint=hint)
+
+
+def _models_section(f: _Fields, h: Handlers, models: list[str]) -> None:
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### Teacher")
+            f.choice("teacher.model", "teacher model", [forms.NO_TEACHER] + models, custom=True,
+                     info="registry name, torchvision:NAME or package.module:callable")
+            f.choice("teacher.checkpoint", "checkpoint", h.checkpoint_choices(), custom=True,
+                     info="a kdgraph checkpoint or a state_dict file")
+            f.choice("teacher.from_spec", "or train it first from spec (from_spec)", forms.spec_choices(h.specs_dir),
+                     custom=True)
+            f.text("teacher.weights", "or torchvision weights", placeholder="DEFAULT")
+            f.text("teacher.kwargs", "model kwargs (YAML mapping)")
+        with gr.Column():
+            gr.Markdown("### Student")
+            f.choice("student.model", "student model", models, custom=True,
+                     info="registry name, torchvision:NAME or package.module:callable")
+            f.text("student.checkpoint", "initial checkpoint")
+            f.text("student.weights", "torchvision weights")
+            f.text("student.kwargs", "model kwargs (YAML mapping)")
+
+
+def _trace_section(f: _Fields) -> SimpleNamespace:
+    with gr.Accordion("Trace: the layers of both models", open=True):
+        with gr.Row():
+            layer_filter = gr.Textbox(label="filter (name or op)", elem_id="layer-filter")
+            show_pre = gr.Checkbox(value=True, label="pre-activation entries (NAME:pre)", elem_id="show-pre")
+            f.text("trace.leaf_modules", "leaf modules (kept opaque; comma-separated)")
+        note = gr.Markdown(elem_id="trace-note")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("teacher layers")
+                teacher = gr.HTML(elem_id="teacher-layers")
+            with gr.Column():
+                gr.Markdown("student layers")
+                student = gr.HTML(elem_id="student-layers")
+    return SimpleNamespace(layer_filter=layer_filter, show_pre=show_pre, note=note, teacher=teacher, student=student)
+
+
+def _term_slot(f: _Fields, i: int, methods: list[str]) -> dict:
+    slot = {}
+    with gr.Group(visible=i < f.form["loss.count"]) as slot["box"]:
+        with gr.Row(equal_height=True):
+            f.choice(f"loss.{i}.method", f"term {i + 1}: method", methods, custom=True, scale=2)
+            f.text(f"loss.{i}.weight", "weight", placeholder="canonical", scale=1)
+            slot["remove"] = gr.Button("Remove", size="sm", scale=0, min_width=90, elem_id=f"loss-{i}-remove")
+        slot["info"] = gr.Markdown(elem_id=f"loss-{i}-info")
+        f.c[f"loss.{i}.params"] = gr.Dataframe(
+            value=f.form[f"loss.{i}.params"], headers=forms.PARAMS_HEADERS, type="array", static_columns=[0, 2],
+            label="parameters (an empty value is the default)", elem_id=f"loss-{i}-params")
+        with gr.Column(visible=False) as slot["positions"]:
+            f.choice(f"loss.{i}.positions", "positions", list(forms.POSITION_MODES))
+            with gr.Column(visible=False) as slot["pairs"]:
+                with gr.Row(equal_height=True):
+                    slot["t_tap"] = gr.Dropdown(label="teacher tap", allow_custom_value=True,
+                                                elem_id=f"loss-{i}-teacher-tap")
+                    slot["s_tap"] = gr.Dropdown(label="student tap", allow_custom_value=True,
+                                                elem_id=f"loss-{i}-student-tap")
+                    slot["add"] = gr.Button("Add pair", size="sm", elem_id=f"loss-{i}-add-pair")
+                    slot["clear"] = gr.Button("Clear", size="sm")
+                f.c[f"loss.{i}.pairs"] = gr.Dataframe(value=f.form[f"loss.{i}.pairs"], headers=forms.PAIRS_HEADERS,
+                                                      type="array", label="pairs", elem_id=f"loss-{i}-pairs")
+    return slot
+
+
+def _recipe_section(f: _Fields) -> None:
+    with gr.Accordion("Training recipe", open=True):
+        with gr.Row():
+            f.number("train.epochs", "epochs", integer=True)
+            f.text("train.max_steps_per_epoch", "max steps per epoch", placeholder="all")
+            f.choice("train.device", "device", ["auto", "cpu", "cuda", "mps"], custom=True)
+            f.choice("train.precision", "precision", _enum("train", "precision"))
+            f.number("train.seed", "seed", integer=True)
+            f.text("seeds", "seeds (one run each)", placeholder="[0, 1, 2] instead of seed")
+        with gr.Row():
+            f.choice("train.optimizer.name", "optimizer", _enum("train", "optimizer", "name"))
+            f.number("train.optimizer.lr", "learning rate")
+            f.number("train.optimizer.momentum", "momentum")
+            f.number("train.optimizer.weight_decay", "weight decay")
+            f.check("train.optimizer.nesterov", "Nesterov")
+            f.text("train.optimizer.betas", "betas (AdamW)")
+        with gr.Row():
+            f.choice("train.schedule.name", "schedule", _enum("train", "schedule", "name"))
+            f.text("train.schedule.milestones", "milestones (multistep)")
+            f.number("train.schedule.gamma", "gamma")
+            f.number("train.schedule.step_size", "step size (step)", integer=True)
+            f.number("train.schedule.min_lr", "min lr (cosine)")
+            f.number("train.schedule.warmup_epochs", "warm-up epochs")
+        with gr.Row():
+            f.text("train.grad_clip", "gradient clipping", placeholder="none")
+            f.check("train.compile", "torch.compile")
+            f.check("train.channels_last", "channels last")
+            f.check("train.sync_bn", "SyncBatchNorm (several GPUs)")
+            f.check("log.tensorboard", "TensorBoard")
+            f.number("log.every", "log every N steps", integer=True, info="log lines and per-step loss rows")
+    with gr.Accordion("Sweep (optional): key paths mapped to the values to try", open=False):
+        f.c["sweep"] = gr.Code(value=f.form["sweep"], language="yaml", label="sweep", elem_id="sweep")
+
+
+def _side_column(gpus: list[str]) -> SimpleNamespace:
+    """The right column: the YAML, its problems, save and start."""
+    s = SimpleNamespace()
+    s.yaml = gr.Code(language="yaml", interactive=False, label="spec (YAML)", wrap_lines=True, elem_id="yaml-preview")
+    s.problems = gr.Textbox(label="kdgraph validate (line numbers of the YAML above)", lines=3, max_lines=12,
+                            interactive=False, elem_id="problems")
+    with gr.Group():
+        with gr.Row(equal_height=True):
+            s.file_name = gr.Textbox(value=f"{NEW_SPEC['name']}.yaml", elem_id="file-name",
+                                     label="file in the specs folder", scale=3)
+            s.overwrite_spec = gr.Checkbox(label="overwrite", elem_id="overwrite-spec", scale=1)
+        s.save = gr.Button("Save spec", elem_id="save-button")
+        s.save_msg = gr.Markdown(elem_id="save-message")
+    with gr.Group():
+        s.devices = gr.CheckboxGroup(choices=[(f"GPU {i}: {n}", i) for i, n in enumerate(gpus)],
+                                     label="GPUs (none ticked: the first free one)", visible=bool(gpus),
+                                     elem_id="devices")
+        if not gpus:
+            gr.Markdown("Runs on the CPU: torch sees no GPU.")
+        s.overwrite_run = gr.Checkbox(label="overwrite an existing run of this name", elem_id="overwrite-run")
+        s.start = gr.Button("Start run", variant="primary", elem_id="start-button")
+        s.start_msg = gr.Markdown(elem_id="start-message")
+    return s
+
+
+def _build_tab(h: Handlers, gpus: list[str]) -> SimpleNamespace:
     from kdgraph.losses import LOSSES
 
+    f = _Fields(forms.spec_to_form(NEW_SPEC))
+    b = SimpleNamespace(fields=f)
+    with gr.Row(equal_height=True):
+        b.load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), value=None, label="spec in the specs folder",
+                                    allow_custom_value=True, elem_id="load-choice", scale=4)
+        b.load = gr.Button("Load into the form", elem_id="load-button", scale=1)
+        b.new = gr.Button("New spec", elem_id="new-button", scale=1)
+    b.msg = gr.Markdown(elem_id="build-message")
+    b.errors = gr.HTML(elem_id="field-errors")  # a stylesheet marking the fields with problems
+    with gr.Row():
+        with gr.Column(scale=5):
+            with gr.Row():
+                f.text("name", "name (the run directory)")
+                f.text("description", "description", scale=2)
+            b.data = _data_section(f)
+            _models_section(f, h, model_choices())
+            b.trace = _trace_section(f)
+            with gr.Accordion("Loss terms", open=True):
+                f.number("loss.count", "terms", integer=True, visible=False)
+                b.slots = [_term_slot(f, i, LOSSES.names()) for i in range(MAX_TERMS)]
+                b.add_term = gr.Button("Add a loss term", elem_id="add-term")
+            with gr.Accordion("Wiring: every distillation pair between teacher and student, with its connector",
+                              open=True):
+                b.wiring = gr.HTML(elem_id="wiring")
+            _recipe_section(f)
+        with gr.Column(scale=2, min_width=360):
+            b.side = _side_column(gpus)
+    return b
+
+
+def _build_events(h: Handlers, b: SimpleNamespace, saved_form, tabs, run_select, run_timer) -> list:
+    """Wire the Build tab; returns the term views (for the page-load event)."""
+    c, s, t = b.fields.c, b.side, b.trace
+    fields = [c[k] for k in FIELDS]
+    term_widgets = [c[f"loss.{i}.{k}"] for i in range(MAX_TERMS) for k in TERM_KEYS]
+    views = [v for sl in b.slots for v in (sl["box"], sl["positions"], sl["pairs"], sl["info"])] + [b.wiring]
+    taps = [tap for sl in b.slots for tap in (sl["t_tap"], sl["s_tap"])]
+    trace_in = [c[k] for k in TRACE_KEYS]
+    changes = [w.change for w in fields] + [s.file_name.change]
+    # in the order they run after a change: the layer tables first, the YAML check (the slowest) last
+    gr.on([w.change for w in trace_in] + [t.layer_filter.change, t.show_pre.change], h.trace,
+          [t.layer_filter, t.show_pre, *trace_in], [t.teacher, t.student, t.note], api_name="trace",
+          trigger_mode="always_last", show_progress="minimal")
+    gr.on([c[k].change for k in TERM_VIEW_KEYS], h.term_views, [c[k] for k in TERM_VIEW_KEYS], views,
+          trigger_mode="always_last", **PRIVATE, **QUIET)
+    gr.on([c[k].change for k in TAP_KEYS], h.tap_choices, [c[k] for k in TAP_KEYS], taps, trigger_mode="always_last",
+          **PRIVATE, **QUIET)
+    gr.on(changes, h.preview, [s.file_name, *fields], [s.yaml, s.problems, b.errors], api_name="preview",
+          trigger_mode="always_last", show_progress="minimal")
+    c["data.dataset"].change(forms.dataset_options, c["data.dataset"], b.data.options_hint, **PRIVATE)
+    c["name"].input(lambda n: f"{n.strip()}.yaml" if n.strip() else gr.skip(), c["name"], s.file_name,
+                    trigger_mode="always_last", **PRIVATE)
+    gr.on(changes, h.remember, [s.file_name, *fields], saved_form, trigger_mode="always_last", **PRIVATE, **QUIET)
+    b.load.click(h.load, b.load_choice, [*fields, s.file_name, b.msg], api_name="load_spec").then(
+        lambda: "", None, s.save_msg, **PRIVATE, **QUIET)
+    b.new.click(h.new_spec, None, [*fields, s.file_name, b.msg], api_name="new_spec").then(
+        lambda: "", None, s.save_msg, **PRIVATE, **QUIET)
+    b.add_term.click(h.add_term, [c["loss.count"], c["teacher.model"]], [c["loss.count"], *term_widgets], **PRIVATE)
+    for i, slot in enumerate(b.slots):
+        method, params = c[f"loss.{i}.method"], c[f"loss.{i}.params"]
+        positions, pairs = c[f"loss.{i}.positions"], c[f"loss.{i}.pairs"]
+        method.input(h.method_changed, [method, params], [c[f"loss.{i}.weight"], params, positions], **PRIVATE)
+        slot["remove"].click(lambda n, *v, i=i: h.remove_term(i, n, *v), [c["loss.count"], *term_widgets],
+                             [c["loss.count"], *term_widgets], **PRIVATE)
+        slot["add"].click(h.add_pair, [slot["t_tap"], slot["s_tap"], pairs], [pairs, positions], **PRIVATE)
+        slot["clear"].click(lambda: ([], "auto"), None, [pairs, positions], **PRIVATE)
+    s.save.click(h.save, [s.file_name, s.overwrite_spec, *fields], [s.save_msg, b.load_choice], api_name="save_spec")
+    s.start.click(h.start, [s.file_name, s.devices, s.overwrite_run, *fields],
+                  [s.start_msg, tabs, run_select, run_timer], api_name="start_run")
+    return views
+
+
+# ------------------------------------------------------------------------------------------ the Runs tab
+def _runs_tab() -> SimpleNamespace:
+    r = SimpleNamespace()
+    r.table = gr.Dataframe(headers=RUN_HEADERS, type="array", interactive=False, label="runs", max_height=320,
+                           elem_id="runs-table")
+    with gr.Row(equal_height=True):
+        r.select = gr.Dropdown(label="run", allow_custom_value=True, elem_id="run-select", scale=3)
+        r.stop = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop-button", scale=1)
+        r.resume = gr.Button("Resume", interactive=False, elem_id="resume-button", scale=1)
+        r.refresh = gr.Button("Refresh", scale=1)
+    r.msg = gr.Markdown(elem_id="run-message")
+    r.status = gr.Markdown(elem_id="run-status")
+    with gr.Row():
+        r.loss = gr.HTML(elem_id="loss-plot")
+        r.accuracy = gr.HTML(elem_id="accuracy-plot")
+    with gr.Row():
+        with gr.Column(scale=3):
+            r.steps = gr.HTML(elem_id="step-plot")
+        with gr.Column(scale=1):
+            r.smoothing = gr.Slider(0, 0.99, value=0.6, step=0.01, label="smoothing of per-step curves",
+                                    info="TensorBoard's moving average; 0: none", elem_id="smoothing")
+    with gr.Accordion("Compare: overlay other runs", open=True):
+        with gr.Row(equal_height=True):
+            r.compare = gr.Dropdown(multiselect=True, label="runs to overlay on the selected one",
+                                    allow_custom_value=False, elem_id="compare-runs", scale=3)
+            r.metric = gr.Dropdown(choices=[("test top-1 (%)", "test_top1")], value="test_top1", label="metric",
+                                   elem_id="compare-metric", scale=2)
+        r.compare_chart = gr.HTML(elem_id="compare-plot")
+    gr.Markdown("log (the end of the run's output; it follows new lines)")
+    r.log = gr.HTML(elem_id="run-log")
+    with gr.Accordion("Export the student (no teacher, no connectors)", open=True):
+        with gr.Row(equal_height=True):
+            r.export_format = gr.Dropdown(choices=EXPORT_FORMATS, value="onnx", label="format",
+                                          elem_id="export-format", scale=2)
+            r.export = gr.Button("Export", elem_id="export-button", scale=1)
+        r.export_msg = gr.Markdown(elem_id="export-message")
+        r.export_file = gr.File(label="exported file", interactive=False, visible=False, elem_id="export-file")
+    with gr.Accordion(RunDir.SUMMARY, open=False):
+        r.summary = gr.JSON(elem_id="run-summary")
+    with gr.Accordion("spec", open=False):
+        r.spec = gr.Code(language="yaml", interactive=False, elem_id="run-spec")
+    r.names = gr.State([])
+    r.shown_log = gr.State("")
+    return r
+
+
+def _runs_events(h: Handlers, r: SimpleNamespace, demo, run_timer) -> None:
+    panel_in = [r.select, r.compare, r.metric, r.smoothing, r.shown_log]
+    panel = [r.status, r.loss, r.accuracy, r.steps, r.compare_chart, r.metric, r.log, r.summary, r.spec, r.stop,
+             r.resume, r.shown_log]
+    one_at_a_time = dict(concurrency_id="run_panel", concurrency_limit=1)
+    gr.on([run_timer.tick, r.refresh.click, demo.load], h.runs_table, None, r.table, api_name="runs", **QUIET)
+    gr.on([run_timer.tick, demo.load], h.run_choices, [r.select, r.names], [r.select, r.names, r.compare],
+          **PRIVATE, **QUIET)
+    gr.on([run_timer.tick, r.select.change, r.compare.change, r.metric.input, r.smoothing.release], h.run_panel,
+          panel_in, panel, trigger_mode="always_last", **PRIVATE, **QUIET, **one_at_a_time)
+    gr.api(h.run_status, api_name="run_status")
+    r.table.select(h.select_run, r.table, r.select, **PRIVATE)
+    r.stop.click(h.stop, r.select, r.msg, api_name="stop_run")
+    r.resume.click(h.resume, r.select, r.msg, api_name="resume_run")
+    r.export.click(h.export_run, [r.select, r.export_format], [r.export_msg, r.export_file], api_name="export_run")
+
+
+# ---------------------------------------------------------------------------------------- the Sweeps tab
+def _sweeps_tab(h: Handlers) -> SimpleNamespace:
+    w = SimpleNamespace()
+    with gr.Row(equal_height=True):
+        w.spec = gr.Dropdown(choices=forms.sweep_files(h.specs_dir), label="spec with a sweep: block",
+                             allow_custom_value=True, elem_id="sweep-spec", scale=3)
+        w.start = gr.Button("Start sweep", variant="primary", elem_id="sweep-start", scale=1)
+    w.msg = gr.Markdown(elem_id="sweep-message")
+    with gr.Row(equal_height=True):
+        w.select = gr.Dropdown(label="sweep", allow_custom_value=True, elem_id="sweep-select", scale=3)
+        w.stop = gr.Button("Stop sweep", variant="secondary", interactive=False, elem_id="sweep-stop", scale=1)
+    w.status = gr.Markdown(elem_id="sweep-status")
+    gr.Markdown("best test top-1 (%)")
+    w.grid = gr.HTML(elem_id="sweep-grid")
+    w.heatmap = gr.Image(label="heatmap", type="filepath", interactive=False, elem_id="heatmap")
+    gr.Markdown("log (the end of the sweep's output)")
+    w.log = gr.HTML(elem_id="sweep-log")
+    w.names = gr.State([])
+    return w
+
+
+def _sweeps_events(h: Handlers, w: SimpleNamespace, b: SimpleNamespace, demo, sweep_timer) -> None:
+    panel = [w.status, w.grid, w.heatmap, w.log, w.stop]
+    w.start.click(h.start_sweep, w.spec, [w.msg, w.select], api_name="start_sweep")
+    gr.on([sweep_timer.tick, demo.load], h.sweep_selector, [w.select, w.names], [w.select, w.names], **PRIVATE,
+          **QUIET)
+    gr.on([sweep_timer.tick, w.select.change], h.sweep_panel, w.select, panel, trigger_mode="always_last",
+          **PRIVATE, **QUIET)
+    gr.api(h.sweep_status, api_name="sweep_status")
+    w.stop.click(h.stop, w.select, w.msg, api_name="stop_sweep")
+    b.side.save.click(h.sweep_choices, None, w.spec, **PRIVATE)
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def build(handlers: Handlers, gpus: list[str]) -> gr.Blocks:
+    """The page (a :class:`gr.Blocks`) for ``handlers``; ``gpus`` are the names of the GPUs to offer."""
     h = handlers
-    form = forms.spec_to_form(NEW_SPEC)
-    models = model_choices()
-    c: dict[str, gr.components.Component] = {}  # the form's widgets by FIELDS key
-
-    def text(key: str, label: str, **kw):
-        c[key] = gr.Textbox(value=form[key], label=label, elem_id=key.replace(".", "-"), **kw)
-
-    def number(key: str, label: str, integer: bool = False, **kw):
-        c[key] = gr.Number(value=form[key], label=label, precision=0 if integer else None,
-                           elem_id=key.replace(".", "-"), **kw)
-
-    def check(key: str, label: str, **kw):
-        c[key] = gr.Checkbox(value=form[key], label=label, elem_id=key.replace(".", "-"), **kw)
-
-    def choice(key: str, label: str, choices: list, custom: bool = False, **kw):
-        c[key] = gr.Dropdown(choices=choices, value=form[key], label=label, allow_custom_value=custom,
-                             elem_id=key.replace(".", "-"), **kw)
-
     with gr.Blocks(title="kdgraph", analytics_enabled=False) as demo:
         gr.Markdown("## kdgraph — knowledge distillation specs, runs and sweeps")
         with gr.Tabs(elem_id="tabs") as tabs:
-            # ------------------------------------------------------------------------------ Build
-            with gr.Tab("Build", id="build"):
-                with gr.Row(equal_height=True):
-                    load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), value=None,
-                                              label="spec in the specs folder",
-                                              allow_custom_value=True, elem_id="load-choice", scale=4)
-                    load_btn = gr.Button("Load into the form", elem_id="load-button", scale=1)
-                    new_btn = gr.Button("New spec", elem_id="new-button", scale=1)
-                build_msg = gr.Markdown(elem_id="build-message")
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        with gr.Row():
-                            text("name", "name (the run directory)")
-                            text("description", "description", scale=2)
-                        with gr.Accordion("Data", open=True):
-                            with gr.Row():
-                                choice("data.dataset", "dataset", DATASETS.names(), custom=True,
-                                       info="or package.module:callable")
-                                text("data.root", "root")
-                                number("data.batch_size", "batch size", integer=True)
-                                text("data.test_batch_size", "test batch size", placeholder="2 x batch size")
-                                choice("data.loader", "loader", _enum("data", "loader"),
-                                       info="tensor: the data set on the device, batched augmentation")
-                                number("data.workers", "loader workers", integer=True)
-                            with gr.Row():
-                                check("data.download", "download")
-                                check("data.augment", "augment")
-                                choice("data.pin_memory", "pin memory", list(forms.TRISTATE))
-                                choice("data.persistent_workers", "persistent workers", list(forms.TRISTATE))
-                            with gr.Row():
-                                text("data.options", "options (YAML mapping)", placeholder="{size: 16}")
-                                text("data.labels", "labels kept (the rest unlabelled)",
-                                     placeholder="all; or {count: 40} or {fraction: 0.05}")
-                            options_hint = gr.Markdown(forms.dataset_options(form["data.dataset"]),
-                                                       elem_id="options-hint")
-                        with gr.Row():
-                            with gr.Column():
-                                gr.Markdown("### Teacher")
-                                choice("teacher.model", "teacher model", [forms.NO_TEACHER] + models, custom=True,
-                                       info="registry name, torchvision:NAME or package.module:callable")
-                                choice("teacher.checkpoint", "checkpoint", h.checkpoint_choices(), custom=True,
-                                       info="a kdgraph checkpoint or a state_dict file")
-                                choice("teacher.from_spec", "or train it first from spec (from_spec)",
-                                       forms.spec_choices(h.specs_dir), custom=True)
-                                text("teacher.weights", "or torchvision weights", placeholder="DEFAULT")
-                                text("teacher.kwargs", "model kwargs (YAML mapping)")
-                            with gr.Column():
-                                gr.Markdown("### Student")
-                                choice("student.model", "student model", models, custom=True,
-                                       info="registry name, torchvision:NAME or package.module:callable")
-                                text("student.checkpoint", "initial checkpoint")
-                                text("student.weights", "torchvision weights")
-                                text("student.kwargs", "model kwargs (YAML mapping)")
-                        with gr.Accordion("Trace: the layers of both models", open=True):
-                            with gr.Row():
-                                layer_filter = gr.Textbox(label="filter (name or op)", elem_id="layer-filter")
-                                show_pre = gr.Checkbox(value=True, label="pre-activation entries (NAME:pre)",
-                                                       elem_id="show-pre")
-                                text("trace.leaf_modules", "leaf modules (kept opaque; comma-separated)")
-                            trace_note = gr.Markdown(elem_id="trace-note")
-                            with gr.Row():
-                                teacher_table = gr.Dataframe(headers=forms.LAYER_HEADERS, type="array",
-                                                             interactive=False, label="teacher layers",
-                                                             max_height=420, column_widths=LAYER_WIDTHS,
-                                                             wrap=True, elem_id="teacher-layers")
-                                student_table = gr.Dataframe(headers=forms.LAYER_HEADERS, type="array",
-                                                             interactive=False, label="student layers",
-                                                             max_height=420, column_widths=LAYER_WIDTHS,
-                                                             wrap=True, elem_id="student-layers")
-                        with gr.Accordion("Loss terms", open=True):
-                            number("loss.count", "terms", integer=True, visible=False)
-                            slots = []
-                            for i in range(MAX_TERMS):
-                                slot = {}
-                                with gr.Group(visible=i < form["loss.count"]) as slot["box"]:
-                                    with gr.Row(equal_height=True):
-                                        choice(f"loss.{i}.method", f"term {i + 1}: method", LOSSES.names(),
-                                               custom=True, scale=2)
-                                        text(f"loss.{i}.weight", "weight", placeholder="canonical", scale=1)
-                                        slot["remove"] = gr.Button("Remove", size="sm", scale=0, min_width=90,
-                                                                   elem_id=f"loss-{i}-remove")
-                                    slot["info"] = gr.Markdown(elem_id=f"loss-{i}-info")
-                                    c[f"loss.{i}.params"] = gr.Dataframe(
-                                        value=form[f"loss.{i}.params"], headers=forms.PARAMS_HEADERS, type="array",
-                                        static_columns=[0, 2], label="parameters (an empty value is the default)",
-                                        elem_id=f"loss-{i}-params")
-                                    with gr.Column(visible=False) as slot["positions"]:
-                                        choice(f"loss.{i}.positions", "positions", list(forms.POSITION_MODES))
-                                        with gr.Column(visible=False) as slot["pairs"]:
-                                            with gr.Row(equal_height=True):
-                                                slot["t_tap"] = gr.Dropdown(
-                                                    label="teacher tap", allow_custom_value=True,
-                                                    elem_id=f"loss-{i}-teacher-tap")
-                                                slot["s_tap"] = gr.Dropdown(
-                                                    label="student tap", allow_custom_value=True,
-                                                    elem_id=f"loss-{i}-student-tap")
-                                                slot["add"] = gr.Button("Add pair", size="sm",
-                                                                        elem_id=f"loss-{i}-add-pair")
-                                                slot["clear"] = gr.Button("Clear", size="sm")
-                                            c[f"loss.{i}.pairs"] = gr.Dataframe(
-                                                value=form[f"loss.{i}.pairs"], headers=forms.PAIRS_HEADERS,
-                                                type="array", label="pairs", elem_id=f"loss-{i}-pairs")
-                                slots.append(slot)
-                            add_term = gr.Button("Add a loss term", elem_id="add-term")
-                        with gr.Accordion("Training recipe", open=True):
-                            with gr.Row():
-                                number("train.epochs", "epochs", integer=True)
-                                text("train.max_steps_per_epoch", "max steps per epoch", placeholder="all")
-                                choice("train.device", "device", ["auto", "cpu", "cuda", "mps"], custom=True)
-                                choice("train.precision", "precision", _enum("train", "precision"))
-                                number("train.seed", "seed", integer=True)
-                                text("seeds", "seeds (one run each)", placeholder="[0, 1, 2] instead of seed")
-                            with gr.Row():
-                                choice("train.optimizer.name", "optimizer", _enum("train", "optimizer", "name"))
-                                number("train.optimizer.lr", "learning rate")
-                                number("train.optimizer.momentum", "momentum")
-                                number("train.optimizer.weight_decay", "weight decay")
-                                check("train.optimizer.nesterov", "Nesterov")
-                                text("train.optimizer.betas", "betas (AdamW)")
-                            with gr.Row():
-                                choice("train.schedule.name", "schedule", _enum("train", "schedule", "name"))
-                                text("train.schedule.milestones", "milestones (multistep)")
-                                number("train.schedule.gamma", "gamma")
-                                number("train.schedule.step_size", "step size (step)", integer=True)
-                                number("train.schedule.min_lr", "min lr (cosine)")
-                                number("train.schedule.warmup_epochs", "warm-up epochs")
-                            with gr.Row():
-                                text("train.grad_clip", "gradient clipping", placeholder="none")
-                                check("train.compile", "torch.compile")
-                                check("train.channels_last", "channels last")
-                                check("train.sync_bn", "SyncBatchNorm (several GPUs)")
-                                check("log.tensorboard", "TensorBoard")
-                                number("log.every", "log every N steps", integer=True)
-                        with gr.Accordion("Sweep (optional): key paths mapped to the values to try", open=False):
-                            c["sweep"] = gr.Code(value=form["sweep"], language="yaml", label="sweep", elem_id="sweep")
-                    with gr.Column(scale=2, min_width=360):
-                        yaml_view = gr.Code(language="yaml", interactive=False, label="spec (YAML)",
-                                            wrap_lines=True, elem_id="yaml-preview")
-                        problems = gr.Textbox(label="kdgraph validate", lines=3, max_lines=12, interactive=False,
-                                              elem_id="problems")
-                        with gr.Group():
-                            with gr.Row(equal_height=True):
-                                file_name = gr.Textbox(value=f"{NEW_SPEC['name']}.yaml", elem_id="file-name",
-                                                       label="file in the specs folder", scale=3)
-                                overwrite_spec = gr.Checkbox(label="overwrite", elem_id="overwrite-spec", scale=1)
-                            save_btn = gr.Button("Save spec", elem_id="save-button")
-                            save_msg = gr.Markdown(elem_id="save-message")
-                        with gr.Group():
-                            devices = gr.CheckboxGroup(choices=[(f"GPU {i}: {n}", i) for i, n in enumerate(gpus)],
-                                                       label="GPUs (none ticked: the first free one)",
-                                                       visible=bool(gpus), elem_id="devices")
-                            if not gpus:
-                                gr.Markdown("Runs on the CPU: torch sees no GPU.")
-                            overwrite_run = gr.Checkbox(label="overwrite an existing run of this name",
-                                                        elem_id="overwrite-run")
-                            start_btn = gr.Button("Start run", variant="primary", elem_id="start-button")
-                            start_msg = gr.Markdown(elem_id="start-message")
-
-            # ------------------------------------------------------------------------------ Runs
-            with gr.Tab("Runs", id="runs"):
-                runs_table = gr.Dataframe(headers=RUN_HEADERS, type="array", interactive=False, label="runs",
-                                          max_height=320, elem_id="runs-table")
-                with gr.Row(equal_height=True):
-                    run_select = gr.Dropdown(label="run", allow_custom_value=True, elem_id="run-select", scale=3)
-                    stop_btn = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop-button", scale=1)
-                    resume_btn = gr.Button("Resume", interactive=False, elem_id="resume-button", scale=1)
-                    refresh_btn = gr.Button("Refresh", scale=1)
-                run_msg = gr.Markdown(elem_id="run-message")
-                run_md = gr.Markdown(elem_id="run-status")
-                with gr.Row():
-                    loss_plot = gr.LinePlot(x="epoch", y="value", color="series",
-                                            title="loss: the terms as weighted in it (≈: warm-up)",
-                                            x_title="epoch", y_title="loss", elem_id="loss-plot")
-                    acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="accuracy (%)",
-                                           x_title="epoch", y_title="top-1 (%)", elem_id="accuracy-plot")
-                run_log = gr.Textbox(label="log (tail)", lines=14, max_lines=14, autoscroll=True,
-                                     interactive=False, elem_id="run-log")
-                with gr.Accordion(RunDir.SUMMARY, open=False):
-                    run_summary = gr.JSON(elem_id="run-summary")
-                with gr.Accordion("spec", open=False):
-                    run_spec = gr.Code(language="yaml", interactive=False, elem_id="run-spec")
-                run_names = gr.State([])
-                plot_key = gr.State("")
-
-            # ------------------------------------------------------------------------------ Sweeps
-            with gr.Tab("Sweeps", id="sweeps"):
-                with gr.Row(equal_height=True):
-                    sweep_spec = gr.Dropdown(choices=forms.sweep_files(h.specs_dir), label="spec with a sweep: block",
-                                             allow_custom_value=True, elem_id="sweep-spec", scale=3)
-                    sweep_start = gr.Button("Start sweep", variant="primary", elem_id="sweep-start", scale=1)
-                sweep_msg = gr.Markdown(elem_id="sweep-message")
-                with gr.Row(equal_height=True):
-                    sweep_select = gr.Dropdown(label="sweep", allow_custom_value=True, elem_id="sweep-select", scale=3)
-                    sweep_stop = gr.Button("Stop sweep", variant="secondary", interactive=False, elem_id="sweep-stop",
-                                           scale=1)
-                sweep_md = gr.Markdown(elem_id="sweep-status")
-                sweep_grid = gr.Dataframe(interactive=False, label="best test top-1 (%)", elem_id="sweep-grid")
-                heatmap = gr.Image(label="heatmap", type="filepath", interactive=False, elem_id="heatmap")
-                sweep_log = gr.Textbox(label="log (tail)", lines=10, max_lines=10, autoscroll=True,
-                                       interactive=False, elem_id="sweep-log")
-                sweep_names = gr.State([])
-        timer = gr.Timer(POLL_SECONDS)
+            with gr.Tab("Build", id="build") as build_tab:
+                b = _build_tab(h, gpus)
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                r = _runs_tab()
+            with gr.Tab("Sweeps", id="sweeps") as sweeps_tab:
+                w = _sweeps_tab(h)
+        # polling only while its tab is shown: the Build tab's events get the process to themselves
+        run_timer, sweep_timer = gr.Timer(POLL_SECONDS, active=False), gr.Timer(POLL_SECONDS, active=False)
+        for tab, active in ((build_tab, (False, False)), (runs_tab, (True, False)), (sweeps_tab, (False, True))):
+            tab.select(lambda a=active: (gr.Timer(active=a[0]), gr.Timer(active=a[1])), None, [run_timer, sweep_timer],
+                       **PRIVATE, **QUIET)
         # the Build form, kept in this browser's localStorage so that a reload does not lose it
         saved_form = gr.BrowserState(None, storage_key=FORM_STORAGE_KEY, secret=FORM_STORAGE_KEY)
-
-        # -------------------------------------------------------------------------------------- events
-        fields = [c[k] for k in FIELDS]
-        term_widgets = [c[f"loss.{i}.{k}"] for i in range(MAX_TERMS) for k in TERM_KEYS]
-        changes = [w.change for w in fields] + [file_name.change]
-        views = [v for s in slots for v in (s["box"], s["positions"], s["pairs"], s["info"])]
-        taps = [t for s in slots for t in (s["t_tap"], s["s_tap"])]
-        private = dict(api_visibility="private")
-        quiet = dict(show_progress="hidden")  # no spinner over widgets refreshed in the background
-
-        gr.on(changes, h.preview, [file_name, *fields], [yaml_view, problems], api_name="preview",
-              trigger_mode="always_last", show_progress="minimal")
-        gr.on(changes, h.term_views, fields, views, trigger_mode="always_last", **private, **quiet)
-        trace_keys = ["data.dataset", "data.options", "teacher.model", "teacher.kwargs", "student.model",
-                      "student.kwargs", "trace.leaf_modules"]
-        gr.on([c[k].change for k in trace_keys] + [layer_filter.change, show_pre.change], h.trace,
-              [layer_filter, show_pre, *fields], [teacher_table, student_table, trace_note, *taps],
-              api_name="trace", trigger_mode="always_last", show_progress="minimal")
-        c["data.dataset"].change(forms.dataset_options, c["data.dataset"], options_hint, **private)
-        c["name"].input(lambda n: f"{n.strip()}.yaml" if n.strip() else gr.skip(), c["name"], file_name,
-                        trigger_mode="always_last", **private)
-
-        gr.on(changes, h.remember, [file_name, *fields], saved_form, trigger_mode="always_last", **private,
-              **quiet)
-        load_btn.click(h.load, load_choice, [*fields, file_name, build_msg], api_name="load_spec").then(
-            lambda: "", None, save_msg, **private, **quiet)
-        new_btn.click(h.new_spec, None, [*fields, file_name, build_msg], api_name="new_spec").then(
-            lambda: "", None, save_msg, **private, **quiet)
-        add_term.click(h.add_term, [c["loss.count"], c["teacher.model"]], [c["loss.count"], *term_widgets], **private)
-        for i, s in enumerate(slots):
-            method, params = c[f"loss.{i}.method"], c[f"loss.{i}.params"]
-            positions, pairs = c[f"loss.{i}.positions"], c[f"loss.{i}.pairs"]
-            method.input(h.method_changed, [method, params], [c[f"loss.{i}.weight"], params, positions], **private)
-            s["remove"].click(lambda n, *v, i=i: h.remove_term(i, n, *v), [c["loss.count"], *term_widgets],
-                              [c["loss.count"], *term_widgets], **private)
-            s["add"].click(h.add_pair, [s["t_tap"], s["s_tap"], pairs], [pairs, positions], **private)
-            s["clear"].click(lambda: ([], "auto"), None, [pairs, positions], **private)
-        save_btn.click(h.save, [file_name, overwrite_spec, *fields], [save_msg, load_choice],
-                       api_name="save_spec").then(h.sweep_choices, None, sweep_spec, **private)
-        start_btn.click(h.start, [file_name, devices, overwrite_run, *fields], [start_msg, tabs, run_select],
-                        api_name="start_run")
-
-        panel = [run_md, loss_plot, acc_plot, run_log, run_summary, run_spec, stop_btn, resume_btn, plot_key]
-        gr.on([timer.tick, refresh_btn.click, demo.load], h.runs_table, None, runs_table, api_name="runs", **quiet)
-        gr.on([timer.tick, demo.load], h.run_choices, [run_select, run_names], [run_select, run_names], **private,
-              **quiet)
-        one_at_a_time = dict(concurrency_id="run_panel", concurrency_limit=1)
-        run_select.change(h.run_panel, [run_select, plot_key], panel, **private, **quiet, **one_at_a_time).then(
-            h.run_panel, [run_select, plot_key], panel, **private, **quiet, **one_at_a_time)
-        timer.tick(h.run_panel, [run_select, plot_key], panel, **private, **quiet, **one_at_a_time)
-        gr.api(h.run_status, api_name="run_status")
-        runs_table.select(h.select_run, runs_table, run_select, **private)
-        stop_btn.click(h.stop, run_select, run_msg, api_name="stop_run")
-        resume_btn.click(h.resume, run_select, run_msg, api_name="resume_run")
-
-        sweep_panel = [sweep_md, sweep_grid, heatmap, sweep_log, sweep_stop]
-        sweep_start.click(h.start_sweep, sweep_spec, [sweep_msg, sweep_select], api_name="start_sweep")
-        gr.on([timer.tick, demo.load], h.sweep_selector, [sweep_select, sweep_names], [sweep_select, sweep_names],
-              **private, **quiet)
-        sweep_select.change(h.sweep_panel, sweep_select, sweep_panel, **private, **quiet)
-        gr.api(h.sweep_status, api_name="sweep_status")
-        timer.tick(h.sweep_panel, sweep_select, sweep_panel, **private, **quiet)
-        sweep_stop.click(h.stop, sweep_select, sweep_msg, api_name="stop_sweep")
-
-        demo.load(h.restore, saved_form, [*fields, file_name, build_msg], **private, **quiet)
-        demo.load(h.preview, [file_name, *fields], [yaml_view, problems], **private)
-        demo.load(h.term_views, fields, views, **private)
-        demo.load(h.trace, [layer_filter, show_pre, *fields], [teacher_table, student_table, trace_note, *taps],
-                  **private)
-        demo.load(lambda: (h.spec_choices(), h.sweep_choices(), h.spec_choices(),
-                           gr.update(choices=h.checkpoint_choices())), None,
-                  [load_choice, sweep_spec, c["teacher.from_spec"], c["teacher.checkpoint"]], **private, **quiet)
+        term_views = _build_events(h, b, saved_form, tabs, r.select, run_timer)
+        _runs_events(h, r, demo, run_timer)
+        _sweeps_events(h, w, b, demo, sweep_timer)
+        _load_events(h, b, demo, saved_form, term_views)
     return demo
+
+
+def _load_events(h: Handlers, b: SimpleNamespace, demo, saved_form, term_views: list) -> None:
+    c, s, t = b.fields.c, b.side, b.trace
+    fields = [c[k] for k in FIELDS]
+    trace_in = [c[k] for k in TRACE_KEYS]
+    demo.load(h.restore, saved_form, [*fields, s.file_name, b.msg], **PRIVATE, **QUIET)
+    demo.load(h.preview, [s.file_name, *fields], [s.yaml, s.problems, b.errors], **PRIVATE)
+    demo.load(h.term_views, [c[k] for k in TERM_VIEW_KEYS], term_views, **PRIVATE)
+    demo.load(h.trace, [t.layer_filter, t.show_pre, *trace_in], [t.teacher, t.student, t.note], **PRIVATE)
+    demo.load(h.tap_choices, [c[k] for k in TAP_KEYS], [tap for sl in b.slots for tap in (sl["t_tap"], sl["s_tap"])],
+              **PRIVATE)
+    demo.load(lambda: (h.spec_choices(), h.spec_choices(), gr.update(choices=h.checkpoint_choices())), None,
+              [b.load_choice, c["teacher.from_spec"], c["teacher.checkpoint"]], **PRIVATE, **QUIET)
 
 
 def create(runs_dir: str | Path = "runs", specs_dir: str | Path = "specs", *, cpu_slots: int | None = None,
@@ -364,12 +451,22 @@ def create(runs_dir: str | Path = "runs", specs_dir: str | Path = "specs", *, cp
     except BaseException:
         manager.close()
         raise
+    threading.Thread(target=_warm_up, daemon=True, name="kdgraph-ui-warm-up").start()
     return demo, manager
+
+
+def _warm_up() -> None:
+    """Trace the new spec's model once in the background: the first trace of a process pays for torch.fx's
+    and the fake tensors' set-up (seconds), which the user's first model change would otherwise wait for."""
+    try:
+        forms.form_layers(forms.spec_to_form(NEW_SPEC))
+    except Exception:  # noqa: BLE001 -- a warm-up only
+        pass
 
 
 def launch(demo: gr.Blocks, runs_dir: str | Path, *, host: str = "127.0.0.1", port: int = 7860,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False):
-    """Serve the page (the runs folder's files, e.g. heatmaps, may be shown)."""
+    """Serve the page (the runs folder's files, e.g. heatmaps and exported students, may be downloaded)."""
     return demo.queue().launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
                                allowed_paths=[str(Path(runs_dir).resolve())], show_error=True)
 

@@ -301,46 +301,65 @@ def _from_form(kind: str, value: Any, key: str) -> Any:
         raise ValueError(f"{key}: expected {what} separated by commas, got {value!r}") from None
 
 
-def term_from_form(form: dict, i: int) -> dict:
-    """The spec entry of loss-term slot ``i`` (ValueError when a value cannot be read)."""
+def _raw(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def term_from_form(form: dict, i: int, problems: list | None = None) -> dict:
+    """The spec entry of loss-term slot ``i``. A value that cannot be read is kept as the text typed (the
+    validator then reports it at its place) and ``(field key, message)`` is appended to ``problems``."""
+    problems = [] if problems is None else problems
     method = str(form.get(f"loss.{i}.method") or "").strip()
     term: dict[str, Any] = {"method": method}
-    weight = _from_form("number", form.get(f"loss.{i}.weight"), f"loss.{i}.weight")
+    key = f"loss.{i}.weight"
+    try:
+        weight = _from_form("number", form.get(key), key)
+    except ValueError as e:
+        problems.append((key, str(e)))
+        weight = _raw(form.get(key))
     if weight is not OMIT:
-        term["weight"] = _integral(float(weight))
+        term["weight"] = _integral(float(weight)) if not isinstance(weight, str) else weight
     for row in _rows(form.get(f"loss.{i}.params")):
-        name, value = str(row[0]).strip(), "" if row[1] is None else str(row[1]).strip()
+        name, value = str(row[0]).strip(), _raw(row[1])
         if name and value:
-            term[name] = _parse_yaml(value, f"loss.{i}.{name}")
+            try:
+                term[name] = _parse_yaml(value, f"loss.{i}.{name}")
+            except ValueError as e:
+                problems.append((f"loss.{i}.params", str(e)))
+                term[name] = value
     mode = form.get(f"loss.{i}.positions") or "auto"
     cls = method_class(method)
     if mode == "pairs":
-        pairs = [[str(r[0] or "").strip(), str(r[1] or "").strip()] for r in _rows(form.get(f"loss.{i}.pairs"))]
+        pairs = [[_raw(r[0]), _raw(r[1]) if len(r) > 1 else ""] for r in _rows(form.get(f"loss.{i}.pairs"))]
         if any(not t or not s for t, s in pairs):
-            raise ValueError(f"loss.{i}.positions: every pair needs a teacher tap and a student tap")
+            problems.append((f"loss.{i}.pairs", f"loss.{i}.positions: every pair needs a teacher tap and a "
+                                                f"student tap"))
         if not pairs:
-            raise ValueError(f"loss.{i}.positions: add at least one [teacher, student] pair, or choose auto")
+            problems.append((f"loss.{i}.pairs", f"loss.{i}.positions: add at least one [teacher, student] pair, "
+                                                f"or choose auto"))
         term["positions"] = pairs
     elif cls is not None and cls.features is not None:
         term["positions"] = "auto"
     return term
 
 
-def form_to_spec(form: dict) -> tuple[dict, list[str]]:
+def form_to_spec(form: dict) -> tuple[dict, list[tuple[str, str]]]:
     """``(spec data, form problems)``: the spec the form describes, without schema defaults.
 
-    A value that cannot be read (bad YAML, a word in a number list...) is left out and reported as
-    ``"key: message"``; the schema and the semantic checks are :func:`validate`'s job.
+    Nothing typed is dropped: a value that cannot be read (bad YAML, a word in a number list...) goes into
+    the spec as the text typed -- so the validator reports it at its key, and the indices of the loss terms
+    after it stay right -- and is reported as ``(field key, message)``; the schema and the semantic checks
+    are :func:`validate`'s job.
     """
     data: dict[str, Any] = {}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
 
     def put(key: str, kind: str) -> None:
         try:
             value = _from_form(kind, form.get(key), key)
         except ValueError as e:
-            problems.append(str(e))
-            return
+            problems.append((key, str(e)))
+            value = _raw(form.get(key)) or OMIT
         if value is not OMIT:
             specs.set_path(data, key.split("."), value)
 
@@ -355,10 +374,7 @@ def form_to_spec(form: dict) -> tuple[dict, list[str]]:
         elif f.kind == "count":
             data["loss"] = []
             for i in range(min(int(form.get(f.key) or 0), MAX_TERMS)):
-                try:
-                    data["loss"].append(term_from_form(form, i))
-                except ValueError as e:
-                    problems.append(str(e))
+                data["loss"].append(term_from_form(form, i, problems))
         elif f.kind != "term":
             put(f.key, f.kind)
     order = ["name", "description", "seeds", "data", "teacher", "student", "trace", "loss", "train", "log", "sweep"]
@@ -367,9 +383,9 @@ def form_to_spec(form: dict) -> tuple[dict, list[str]]:
 
 
 # ------------------------------------------------------------------------------------ validation
-def validate(text: str, file: str | Path) -> list[str]:
-    """The problems ``kdgraph validate FILE`` prints for ``text`` saved as ``file``, one line each
-    (``FILE:LINE:COL: key.path: message``); [] when the spec is valid."""
+def check_text(text: str, file: str | Path) -> list[tuple]:
+    """The problems ``kdgraph validate FILE`` finds in ``text`` saved as ``file``, as ``(file, line, col,
+    key path, message)`` tuples; [] when the spec is valid."""
     from kdgraph.spec.check import validate as validate_file
 
     file = str(file)
@@ -378,15 +394,31 @@ def validate(text: str, file: str | Path) -> list[str]:
             problems, _ = validate_file(file, text=text)
     except Exception as e:  # noqa: BLE001 - a user's model or method failing to build or trace
         problems = [(file, 1, 1, "", f"{type(e).__name__}: {e}")]
-    return [format_problem(*p) for p in problems]
+    return list(problems)
 
 
-def preview(form: dict, file: str | Path) -> tuple[str, list[str]]:
-    """``(YAML text, problems)`` of the form: the form's own problems (``form: key: message``) first,
-    then :func:`validate`'s lines for the YAML saved as ``file``."""
+def validate(text: str, file: str | Path) -> list[str]:
+    """The lines ``kdgraph validate FILE`` prints for ``text`` saved as ``file`` (``FILE:LINE:COL:
+    key.path: message``); [] when the spec is valid."""
+    return [format_problem(*p) for p in check_text(text, file)]
+
+
+def preview_line(problem: tuple, file: str | Path) -> str:
+    """A problem of the form's YAML as the page shows it: ``line L:C: key.path: message`` for the preview
+    (the form is not saved, so its file name would mislead), ``FILE:L:C: ...`` for another file (a
+    ``from_spec`` teacher's spec)."""
+    where, line, col, path, message = problem
+    if str(where) != str(file):
+        return format_problem(*problem)
+    return f"line {line or 1}:{col or 1}: {path or '<root>'}: {message}"
+
+
+def preview(form: dict, file: str | Path) -> tuple[str, list[tuple], list[tuple[str, str]]]:
+    """``(YAML text, validator problems, form problems)`` of the form: :func:`check_text`'s tuples for the
+    YAML saved as ``file``, and :func:`form_to_spec`'s ``(field key, message)`` pairs."""
     data, form_problems = form_to_spec(form)
     text = spec_yaml(data)
-    return text, [f"form: {p}" for p in form_problems] + validate(text, file)
+    return text, check_text(text, file), form_problems
 
 
 # ------------------------------------------------------------------------------------ spec files
@@ -564,8 +596,9 @@ def form_layers(form: dict) -> tuple[list[dict] | None, list[dict] | None, list[
 
 
 def term_info(form: dict, i: int, teacher_rows: list[dict] | None, student_rows: list[dict] | None) -> str:
-    """What slot ``i``'s method is, its canonical weight and, for positions ``auto``, the pairs auto picks
-    in the two layer tables (or why it picks none)."""
+    """What slot ``i``'s method is, its canonical weight, the pairs ``auto`` picks in the two layer tables
+    (or why it picks none) and, for a method whose scale depends on map sizes, what the weight amounts to
+    on these maps (:func:`weight_hint`)."""
     from kdgraph.losses import build_terms, term_params
 
     method = str(form.get(f"loss.{i}.method") or "").strip()
@@ -574,25 +607,56 @@ def term_info(form: dict, i: int, teacher_rows: list[dict] | None, student_rows:
     cls = method_class(method)
     if cls is None:
         return f"`{method}` is not a loss method (see the problems under the preview)"
-    weight = term_params(cls)["weight"]
+    canonical = term_params(cls)["weight"]
     if cls.features is None:
-        return f"`{method}` works on the logits (no positions); canonical weight {weight:g}"
+        return f"`{method}` works on the logits (no positions); canonical weight {canonical:g}"
     kind = "pre-activation features" if cls.features == "pre" else "features"
     text = (f"`{method}` distils {kind}; auto positions: {AUTO_RULES.get(cls.auto, cls.auto)}; "
-            f"canonical weight {weight:g}")
-    if form.get(f"loss.{i}.positions") != "auto":
-        return text
+            f"canonical weight {canonical:g}")
     if teacher_rows is None or student_rows is None:
-        return text + "  \nauto positions show once both models trace"
-    try:
-        term = {**term_from_form(form, i), "positions": "auto"}
-    except ValueError:
-        term = {"method": method, "positions": "auto"}
-    terms, problems = build_terms([term], teacher_rows=teacher_rows, student_rows=student_rows, has_teacher=True)
+        return text + "  \npositions show once both models trace"
+    cfg = {"method": method}  # the pairs do not depend on the other values, which may not be readable yet
+    if form.get(f"loss.{i}.positions") == "pairs":
+        cfg["positions"] = [list(r[:2]) for r in _rows(form.get(f"loss.{i}.pairs")) if len(r) > 1 and r[0] and r[1]]
+    terms, problems = build_terms([cfg], teacher_rows=teacher_rows, student_rows=student_rows, has_teacher=True)
     if problems:
         return text + "  \n" + problems[0][1]
-    chosen = ", ".join(f"`{t}` → `{s}`" for t, s in terms[0].pairs)
-    return text + "  \n**auto chose** (teacher → student): " + chosen
+    if "positions" not in cfg:
+        text += "  \n**auto chose** (teacher → student): " + ", ".join(f"`{t}` → `{s}`" for t, s in terms[0].pairs)
+    try:
+        weight = _from_form("number", form.get(f"loss.{i}.weight"), "weight")
+    except ValueError:
+        return text
+    hint = weight_hint(cls, canonical if weight is OMIT else float(weight), terms[0].pairs, teacher_rows, student_rows)
+    return text + (f"  \n{hint}" if hint else "")
+
+
+def weight_hint(cls, weight: float, pairs: list, teacher_rows: list[dict], student_rows: list[dict]) -> str | None:
+    """For a method whose loss per position scales as 1/(H*W) (``weight_map_reference`` set, e.g. ``at``):
+    what ``weight`` amounts to on the maps of ``pairs`` compared with the maps its canonical weight was
+    tuned on, and the weight that matches the canonical one here. None for other methods, or when the
+    maps are within a factor 1.5 of the reference."""
+    from kdgraph.losses import term_params
+
+    reference = getattr(cls, "weight_map_reference", None)
+    shapes = {**{("t", r["name"]): r["shape"] for r in teacher_rows}, **{("s", r["name"]): r["shape"] for r in student_rows}}
+    maps = []
+    for t, s in pairs:
+        ts, ss = shapes.get(("t", t)), shapes.get(("s", s))
+        if not reference or not ts or not ss or len(ts) != 3 or len(ss) != 3:
+            return None
+        maps.append(min(ts[1:], ss[1:], key=lambda hw: hw[0] * hw[1]))  # the larger map is pooled to the smaller
+    if not maps:
+        return None
+    factor = sum(1 / (h * w) for h, w in maps) / sum(1 / (h * w) for h, w in reference)
+    if 1 / 1.5 <= factor <= 1.5:
+        return None
+    canonical = term_params(cls)["weight"]
+    here = ", ".join(f"{h}x{w}" for h, w in maps)
+    ref = ", ".join(f"{h}x{w}" for h, w in reference)
+    return (f"⚠ **weight for these maps**: its loss scales as 1/(H·W), so weight {weight:g} on {here} acts like "
+            f"{weight * factor:.4g} on the {ref} maps the canonical {canonical:g} was tuned on; "
+            f"**{canonical / factor:.4g}** here matches the canonical weight")
 
 
 def dataset_options(name: str) -> str:

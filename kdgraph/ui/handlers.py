@@ -8,24 +8,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 from kdgraph.app.rundir import RunDir
 from kdgraph.errors import UserError
 
-from . import forms, jobs, runs
+from . import fielderrors, forms, jobs, runs, views
 from .forms import FIELDS, MAX_TERMS, TERM_KEYS
 from .jobs import JobManager
 
 VALID = "valid"
-PLOT_COLUMNS = ["epoch", "value", "series"]
+# the fields the layer tables depend on, and those the term views (and the wiring picture) depend on:
+# their events take only these, not the whole form
+TRACE_KEYS = ["data.dataset", "data.options", "teacher.model", "teacher.kwargs", "student.model", "student.kwargs",
+              "trace.leaf_modules"]
+TERM_VIEW_KEYS = TRACE_KEYS + ["loss.count"] + [f"loss.{i}.{k}" for i in range(MAX_TERMS) for k in TERM_KEYS]
+TAP_KEYS = TRACE_KEYS + [f"loss.{i}.positions" for i in range(MAX_TERMS)]
+EXPORT_FORMATS = ["onnx", "state_dict", "torchscript", "exported"]
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
-
-
-def _error(e: Exception) -> str:
+def _error(e: Exception | str) -> str:
     return f"⚠ {e}"
 
 
@@ -99,15 +100,21 @@ class Handlers:
         return (*self.values(form), f"{form['name']}.yaml", f"loaded {choice}")
 
     def preview(self, file_name: str, *values):
-        """``(YAML, problems)``: the spec of the form and what ``kdgraph validate`` says about it (the
-        problems text is the validator's lines, or ``valid``)."""
-        text, problems = forms.preview(self.form(values), self.spec_file(file_name))
-        return text, "\n".join(problems) if problems else VALID
+        """``(YAML, problems, field marks)``: the spec of the form, what ``kdgraph validate`` says about it
+        (its lines, citing the preview's line numbers, or ``valid``), and each problem at its field
+        (:func:`~kdgraph.ui.fielderrors.error_css`)."""
+        form = self.form(values)
+        file = self.spec_file(file_name)
+        text, problems, form_problems = forms.preview(form, file)
+        lines = [forms.preview_line(p, file) for p in problems]
+        errors = fielderrors.field_errors(problems, form_problems, form)
+        return text, "\n".join(lines) if lines else VALID, fielderrors.error_css(errors)
 
     def term_views(self, *values):
-        """Per term slot: its box (shown for slots in use), its positions box (feature methods), the
-        pair editor (positions: pairs) and its description with what auto picks."""
-        form = self.form(values)
+        """Per term slot (values: :data:`TERM_VIEW_KEYS`): its box (shown for slots in use), its positions box
+        (feature methods), the pair editor (positions: pairs) and its description with what auto picks
+        and the weight hint; then the wiring picture."""
+        form = dict(zip(TERM_VIEW_KEYS, values))
         teacher_rows, student_rows, _ = forms.form_layers(form)
         count = int(form["loss.count"] or 0)
         out = []
@@ -115,29 +122,44 @@ class Handlers:
             cls = forms.method_class(str(form[f"loss.{i}.method"] or ""))
             features = cls is not None and cls.features is not None
             pairs = form[f"loss.{i}.positions"] == "pairs"
-            out += [gr.update(visible=i < count), gr.update(visible=features or pairs),
-                    gr.update(visible=pairs), forms.term_info(form, i, teacher_rows, student_rows)]
-        return out
+            info = forms.term_info(form, i, teacher_rows, student_rows) if i < count else ""
+            out += [gr.update(visible=i < count), gr.update(visible=features or pairs), gr.update(visible=pairs), info]
+        try:
+            picture = views.wiring_html(form, teacher_rows, student_rows)
+        except UserError as e:
+            picture = f'<div class="wiring empty">{_error(e)}</div>'
+        return (*out, picture)
 
     def trace(self, text: str, pre: bool, *values):
-        """The two layer tables (filtered by ``text``; ``pre``: with the pre-activation entries), a note,
-        and the tap choices of every term slot."""
-        form = self.form(values)
+        """The two layer tables (values: :data:`TRACE_KEYS`; filtered by ``text``; ``pre``: with the
+        pre-activation entries) and a note."""
+        form = dict(zip(TRACE_KEYS, values))
         teacher_rows, student_rows, notes = forms.form_layers(form)
-        t_table = forms.layer_table(teacher_rows or [], text, pre)
-        s_table = forms.layer_table(student_rows or [], text, pre)
-        t_names = forms.tap_choices([r["name"] for r in teacher_rows or []])
-        s_names = forms.tap_choices([r["name"] for r in student_rows or []])
         counts = []
-        for role, rows, table in (("teacher", teacher_rows, t_table), ("student", student_rows, s_table)):
+        for role, rows in (("teacher", teacher_rows), ("student", student_rows)):
             model = str(form[f"{role}.model"] or "").strip()
             if rows is not None:
-                counts.append(f"{role} `{model}`: {len(table)} of {len(rows)} taps")
+                shown = len(forms.layer_table(rows, text, pre))
+                counts.append(f"{role} `{model}`: {shown} of {len(rows)} taps")
             else:
                 counts.append(f"no {role}" if model in ("", forms.NO_TEACHER) else f"{role}: not traced")
         note = " · ".join(counts) + "".join(f"  \n⚠ {n}" for n in notes)
-        taps = [gr.update(choices=names) for _ in range(MAX_TERMS) for names in (t_names, s_names)]
-        return (t_table, s_table, note, *taps)
+        return (views.layer_html(teacher_rows, text, pre, "teacher"), views.layer_html(student_rows, text, pre, "student"),
+                note)
+
+    @staticmethod
+    def tap_choices(*values):
+        """The tap choices of the pair editors (values: :data:`TAP_KEYS`): only those of the slots set to
+        explicit pairs (hundreds of names, for eight dropdowns, are not sent for editors nobody sees)."""
+        form = dict(zip(TAP_KEYS, values))
+        editing = [form[f"loss.{i}.positions"] == "pairs" for i in range(MAX_TERMS)]
+        if not any(editing):
+            return [gr.skip()] * (2 * MAX_TERMS)
+        teacher_rows, student_rows, _ = forms.form_layers(form)
+        t_names = forms.tap_choices([r["name"] for r in teacher_rows or []])
+        s_names = forms.tap_choices([r["name"] for r in student_rows or []])
+        return [gr.update(choices=names) if editing[i] else gr.skip()
+                for i in range(MAX_TERMS) for names in (t_names, s_names)]
 
     @staticmethod
     def method_changed(method: str, params: list):
@@ -182,7 +204,8 @@ class Handlers:
         """Save the form's spec to the specs folder; ``(message, spec choices)``."""
         data, problems = forms.form_to_spec(self.form(values))
         if problems:
-            return _error("fix the form first: " + "; ".join(problems)), gr.skip()
+            return _error("fix the form first (the fields marked in red): " + "; ".join(m for _, m in problems)), \
+                gr.skip()
         try:
             path = forms.save_spec(self.specs_dir, file_name, forms.spec_yaml(data), overwrite)
         except UserError as e:
@@ -222,22 +245,22 @@ class Handlers:
         """Start (or queue) the form's spec as a run: ``(message, selected tab, run choice)``."""
         data, form_problems = forms.form_to_spec(self.form(values))
         text = forms.spec_yaml(data)
-        problems = [f"form: {p}" for p in form_problems] + forms.validate(text, self.spec_file(file_name))
+        problems = form_problems + forms.validate(text, self.spec_file(file_name))
+        skip = (gr.skip(), gr.skip(), gr.skip())
         if problems:
-            return _error(f"the spec has {len(problems)} problem(s), shown under the preview: fix them first"), \
-                gr.skip(), gr.skip()
+            return (_error(f"the spec has {len(problems)} problem(s), marked at their fields and listed under the "
+                           f"preview: fix them first"), *skip)
         if data.get("sweep"):
-            return _error("this spec has a sweep: block: save it and start it from the Sweeps tab"), \
-                gr.skip(), gr.skip()
+            return _error("this spec has a sweep: block: save it and start it from the Sweeps tab"), *skip
         try:
             gpus = self._gpus(devices, data)
             job = self.manager.submit_run(data["name"], forms.launch_text(self._launch_data(data), self.specs_dir),
                                           gpus, overwrite)
         except UserError as e:
-            return _error(e), gr.skip(), gr.skip()
+            return _error(e), *skip
         names = runs.run_names(self.runs_dir, self.manager.snapshot())
         return (f"{job.name}: {job.state} (output in {self.runs_dir / job.name})", gr.Tabs(selected="runs"),
-                gr.update(choices=names, value=job.name))
+                gr.update(choices=names, value=job.name), gr.Timer(active=True))
 
     # ---------------------------------------------------------------------------------------- runs
     def runs_table(self):
@@ -254,8 +277,10 @@ class Handlers:
         return gr.update(choices=names), names
 
     def run_choices(self, current: str | None, known: list | None):
-        """The run selector (see :meth:`_selector`)."""
-        return self._selector(runs.run_names(self.runs_dir, self.manager.snapshot()), current, known)
+        """The run selector (see :meth:`_selector`), and the compare selector's choices."""
+        names = runs.run_names(self.runs_dir, self.manager.snapshot())
+        selector, names = self._selector(names, current, known)
+        return selector, names, gr.skip() if selector == gr.skip() else gr.update(choices=names)
 
     @staticmethod
     def select_run(table: list, evt: gr.SelectData):
@@ -263,27 +288,53 @@ class Handlers:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return table[row][0] if table and isinstance(row, int) and row < len(table) else gr.skip()
 
-    def run_panel(self, name: str | None, plot_key: str | None = None):
-        """The run view: text, loss and accuracy curves, log tail, summary, spec, the stop and resume
-        buttons, and the plot key (the run and the series drawn).
-
-        A Gradio plot keeps the series of the first data it draws, so when the series change (another run,
-        a run's first epoch) the plots are cleared first and drawn by the next call.
-        """
+    def run_panel(self, name: str | None, compare: list | None = None, metric: str | None = None,
+                  smoothing: float = 0.0, shown_log: str = ""):
+        """The run view: text, the loss and accuracy charts (per epoch), the per-step loss chart, the chart
+        comparing ``name`` with the runs ``compare`` on ``metric``, the metric choices, the log tail (skipped
+        when unchanged since ``shown_log``, so a reader's scrolling is left alone), summary, spec, the stop
+        and resume buttons, and the log shown."""
         off = gr.update(interactive=False, variant="secondary")
+        blank = ("", "", "", "", gr.skip(), runs.log_html(""), {}, "", off, off, "")
         if not name:
-            return "select a run", None, None, "", {}, "", off, off, ""
+            return ("select a run", *blank)
         try:
             view = runs.run_view(self.runs_dir, name, self.manager.snapshot().get(name))
         except UserError as e:
-            return _error(e), None, None, "", {}, "", off, off, ""
-        key = f"{name}|" + ",".join(sorted({r["series"] for r in view["loss"] + view["accuracy"]}))
-        drawn = view["metrics"] and key == plot_key
-        accuracy = gr.update(value=_frame(view["accuracy"]) if drawn else None,
-                             y_title=runs.accuracy_title(view["accuracy"]))
-        plots = (_frame(view["loss"]) if drawn else None, accuracy)
-        return (view["markdown"], *plots, view["log"], view["summary"], view["spec"],
-                self._stop_button(view["can_stop"]), gr.update(interactive=view["can_resume"]), key)
+            return (_error(e), *blank)
+        loss, acc = runs.epoch_charts(view)
+        others = [n for n in compare or [] if n != name]
+        choices = runs.compare_metrics(self.runs_dir, [name, *others])
+        metric = metric if metric in [v for _, v in choices] else "test_top1"
+        markdown = view["markdown"]
+        board = runs.tensorboard_command(self.runs_dir, [name, *others]) if others else None
+        if board and "--logdir_spec" in board:  # several runs with events (one: the run's own line says it)
+            markdown += f"\n\nTensorBoard, these runs side by side: `{board}`"
+        log = view["log"]
+        return (markdown, loss, acc, runs.step_chart(view, float(smoothing or 0)),
+                runs.compare_chart(self.runs_dir, [name, *others], metric, float(smoothing or 0)),
+                gr.update(choices=choices, value=metric), gr.skip() if log == shown_log else runs.log_html(log),
+                view["summary"], view["spec"], self._stop_button(view["can_stop"]),
+                gr.update(interactive=view["can_resume"]), log)
+
+    def export_run(self, name: str | None, fmt: str):
+        """Export the selected run's student (``kdgraph export``): ``(message, file to download)``."""
+        from kdgraph.app.export import export
+
+        none = gr.update(value=None, visible=False)
+        if not name:
+            return _error("select a run first"), none
+        if fmt not in EXPORT_FORMATS:
+            return _error(f"choose a format: {', '.join(EXPORT_FORMATS)}"), none
+        lines: list[str] = []
+        try:
+            with forms.TRACE_LOCK:  # exporting traces the model, as the form's tables do
+                record = export(self.runs_dir / jobs.check_name(name), fmt, echo=lines.append)
+        except UserError as e:
+            return _error(e), none
+        except Exception as e:  # noqa: BLE001 - a model the exporter cannot handle: say so, keep the page
+            return _error(f"{fmt} export failed: {type(e).__name__}: {e}"), none
+        return lines[-1] if lines else f"exported {record['file']}", gr.update(value=record["file"], visible=True)
 
     @staticmethod
     def _stop_button(active: bool):
@@ -345,15 +396,15 @@ class Handlers:
         return self._selector(runs.sweep_names(self.runs_dir, self.manager.snapshot()), current, known)
 
     def sweep_panel(self, name: str | None):
-        """The sweep view: text, the grid, the heatmap once done, the log tail and the stop button."""
+        """The sweep view: text, the grid (HTML), the heatmap once done, the log tail and the stop button."""
         if not name:
-            return "select a sweep", pd.DataFrame(), None, "", self._stop_button(False)
+            return "select a sweep", "", None, runs.log_html(""), self._stop_button(False)
         try:
             view = runs.sweep_view(self.runs_dir, name, self.manager.snapshot().get(name))
         except UserError as e:
-            return _error(e), pd.DataFrame(), None, "", self._stop_button(False)
-        grid = pd.DataFrame(view["rows"], columns=view["header"] or None)
-        return view["markdown"], grid, view["heatmap"], view["log"], self._stop_button(view["can_stop"])
+            return _error(e), "", None, runs.log_html(""), self._stop_button(False)
+        return (view["markdown"], runs.grid_html(view["header"], view["rows"]), view["heatmap"],
+                runs.log_html(view["log"]), self._stop_button(view["can_stop"]))
 
     def sweep_status(self, name: str) -> dict:
         """A sweep as data (the ``/sweep_status`` endpoint): markdown, header, rows, heatmap, log, can_stop;

@@ -305,7 +305,20 @@ class JobManager:
             if pinned is not None:
                 gpus = [pinned]
             return self._enqueue(Job(name=name, spec=str(spec), resume=True, gpus=self._check_gpus(gpus),
-                                     submitted=time.time()))
+                                     submitted=time.time(), base_seconds=self._elapsed(previous, run_dir)))
+
+    @staticmethod
+    def _elapsed(previous: Job | None, run_dir: Path) -> float:
+        """The time a run has taken so far, as the page showed it when it ended: its processes' wall time
+        (start-up included) where this UI ran them, and at least the summary's training time; a resumed
+        run's clock goes on from there."""
+        try:
+            trained = float(RunDir(run_dir).summary().get("wall_seconds") or 0)
+        except (TypeError, ValueError):
+            trained = 0.0
+        if previous is None or not previous.started or not previous.ended:
+            return trained
+        return max(trained, previous.base_seconds + max(previous.ended - previous.started, 0.0))
 
     def _unpin(self, spec: Path, run_dir: Path) -> tuple[Path, int | None]:
         """A spec of ``train.device: cuda:N`` (say a run started from a shell) rewritten to ``RUNS/NAME/
@@ -406,12 +419,7 @@ class JobManager:
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(job, assigned)
         env = self._env(job, assigned)
-        base = 0.0
-        if job.resume:
-            try:
-                base = float(RunDir(run_dir).summary().get("wall_seconds") or 0)
-            except (ValueError, TypeError):
-                base = 0.0
+        base = self._elapsed(None, run_dir) if job.resume and not job.base_seconds else job.base_seconds
         try:
             proc = start(cmd, run_dir / OUTPUT_LOG, env)
         except OSError as e:

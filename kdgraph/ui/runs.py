@@ -7,22 +7,25 @@ knows: queued, running or stopping, the exit status, the GPUs.
 """
 from __future__ import annotations
 
+import html
 import re
+import shlex
 import time
 from pathlib import Path
 
 import yaml
 
+from kdgraph.app import charts
 from kdgraph.app.format import duration, pct
 from kdgraph.app.grid import SWEEP_FILE, grid_table
 from kdgraph.app.launch import failure_reason
 from kdgraph.app.rundir import STOPPED, RunDir
 from kdgraph.errors import UserError
 
-from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, check_name
+from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, RECENT_SECONDS, check_name
 
 RUN_HEADERS = ["run", "status", "epochs", "best top-1", "latest top-1", "teacher top-1", "student", "teacher",
-               "methods", "device", "wall time", "exit"]
+               "methods", "device", "elapsed", "exit"]
 RESUMABLE = ("stopped", "failed", "killed", "interrupted", "cancelled")
 LOSS_KEYS = ("loss", "test_loss")
 ACCURACY_KEYS = ("train_top1", "test_top1", "test_top5")
@@ -41,6 +44,19 @@ def tail(path: str | Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def log_html(text: str, elem_class: str = "log-tail") -> str:
+    """A log tail as a scroll box that stays at its end (new lines appear at the bottom, in view, however
+    long the earlier attempts' output was); the launcher's ``=== `` attempt headers stand out."""
+    from kdgraph.app.launch import HEADER
+
+    lines = [f"<b>{html.escape(ln)}</b>" if ln.startswith(HEADER) else html.escape(ln) for ln in text.splitlines()]
+    body = "\n".join(lines) if lines else "(no output yet)"
+    return (f'<div class="{elem_class}" style="display:flex;flex-direction:column-reverse;overflow:auto;'
+            f'max-height:330px;border:1px solid #ddd;border-radius:6px;background:#fafafa">'
+            f'<pre style="margin:0;padding:8px 10px;font-size:12px;line-height:1.35;white-space:pre-wrap;'
+            f'word-break:break-word">{body}</pre></div>')
+
+
 def run_log(run_dir: str | Path) -> Path:
     """The file with a run's output: the launcher's ``output.log``, else the trainer's log."""
     run_dir = Path(run_dir)
@@ -57,19 +73,25 @@ def _named(name: str) -> bool:
 
 
 def run_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
-    """Runs of the folder, most recently active first: directories with a summary or launched by
+    """Runs of the folder, those running or queued first, then the most recently active: directories
+    with a summary or launched by
     the UI (sweep directories are not runs; their cells are listed in the Sweeps tab), named as a spec's
     ``name`` can be (:func:`~kdgraph.ui.jobs.check_name`: what :func:`run_view` accepts)."""
     runs_dir = Path(runs_dir)
-    found: dict[str, float] = {}
+    found: dict[str, tuple[bool, float]] = {}
+    now = time.time()
     if runs_dir.is_dir():
         for d in runs_dir.iterdir():
             known = jobs.get(d.name, {}).get("kind") == "run"
             rd = RunDir(d)
             if _named(d.name) and d.is_dir() and not (d / SWEEP_FILE).exists() and (rd.is_run() or known):
                 stamps = [p.stat().st_mtime for p in (rd.summary_file, d / OUTPUT_LOG, d) if p.exists()]
-                found[d.name] = max(stamps + [jobs.get(d.name, {}).get("submitted") or 0])
-    return sorted(found, key=lambda n: (-found[n], n))
+                latest = max(stamps + [jobs.get(d.name, {}).get("submitted") or 0])
+                job = jobs.get(d.name)
+                active = (job["state"] in ACTIVE) if job else \
+                    (rd.status() == "running" and now - rd.last_write() < RECENT_SECONDS)
+                found[d.name] = (active, latest)
+    return sorted(found, key=lambda n: (not found[n][0], -found[n][1], n))
 
 
 def run_status(summary: dict, job: dict | None) -> str:
@@ -95,11 +117,13 @@ def run_status(summary: dict, job: dict | None) -> str:
 
 
 def _device(job: dict | None, summary: dict) -> str:
+    """Where a run trains, in torch's words as the UI's process sees the GPUs: ``cpu``, ``cuda:1``
+    (``cuda:0, cuda:1`` for several); a run the UI did not start: its summary's ``device``."""
     if job and job.get("assigned") is not None and job["state"] != "queued":
-        return ", ".join(f"GPU {g}" for g in job["assigned"]) or "CPU"
+        return ", ".join(f"cuda:{g}" for g in job["assigned"]) or "cpu"
     if job and job["state"] == "queued":
         gpus = job.get("gpus")
-        return "any GPU" if gpus is None else (", ".join(f"GPU {g}" for g in gpus) or "CPU")
+        return "any GPU" if gpus is None else (", ".join(f"cuda:{g}" for g in gpus) or "cpu")
     return summary.get("device") or ""
 
 
@@ -125,7 +149,8 @@ def runs_table(runs_dir: str | Path, jobs: dict[str, dict]) -> list[list[str]]:
         epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else 0}/{r['epochs'] or '?'}"
         rows.append([name, r["status"], epochs, pct(r["best_top1"]), pct(r["final_top1"]),
                      pct(r["teacher_top1"]), r["student"] or "", r["teacher"] or "", "+".join(r["methods"]),
-                     r["device"], duration(r["wall_seconds"]), "" if r["exit"] is None else str(r["exit"])])
+                     r["device"], duration(progress(r["summary"], [], jobs.get(name))["elapsed"]),
+                     "" if r["exit"] is None else str(r["exit"])])
     return rows
 
 
@@ -194,14 +219,16 @@ def term_label(name: str, weight: float, warmup: float) -> str:
     return f"{'≈' if warmup > 0 else ''}{weight:g}·{name}"
 
 
-def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None = None) -> tuple[list[dict], list[dict]]:
+def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None = None,
+           exact: bool = False) -> tuple[list[dict], list[dict]]:
     """Long-format rows ``{"epoch", "value", "series"}`` for the loss plot (train loss, each term, test loss)
     and the accuracy plot (train and test top-1, test top-5).
 
     With the run's ``weights`` (:func:`term_weights`), each term is drawn as its weighted contribution to
     ``loss`` (the metrics hold the unweighted term), labelled ``WEIGHT·NAME`` -- the parts add up to the
     total; a term with ``warmup_epochs`` w counts ``weight·min(1, (epoch - 0.5)/w)`` (the epoch's average
-    weight) and its label starts with ≈. A term without a known weight keeps its ``loss/NAME`` label."""
+    weight; with ``exact``, for rows at a point in training such as ``steps.jsonl``'s, ``min(1, epoch/w)``)
+    and its label starts with ≈. A term without a known weight keeps its ``loss/NAME`` label."""
     loss, acc = [], []
     weights = weights or {}
     for m in metrics:
@@ -210,7 +237,8 @@ def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None =
                 continue
             if key.startswith("loss/") and key[5:] in weights:
                 weight, warmup = weights[key[5:]]
-                factor = weight * min(1.0, max(m["epoch"] - 0.5, 0.0) / warmup) if warmup > 0 else weight
+                at = m["epoch"] if exact else m["epoch"] - 0.5
+                factor = weight * min(1.0, max(at, 0.0) / warmup) if warmup > 0 else weight
                 loss.append({"epoch": m["epoch"], "value": float(value) * factor,
                              "series": term_label(key[5:], weight, warmup)})
             elif key in LOSS_KEYS or key.startswith("loss/"):
@@ -218,6 +246,107 @@ def curves(metrics: list[dict], weights: dict[str, tuple[float, float]] | None =
             elif key in ACCURACY_KEYS:
                 acc.append({"epoch": m["epoch"], "value": float(value), "series": key})
     return loss, acc
+
+
+def _series(rows: list[dict], smoothing: float = 0.0) -> list[charts.Series]:
+    """Chart series from long-format rows, in order of appearance; with ``smoothing``, each series is
+    drawn smoothed over its faint raw values."""
+    grouped: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        xs, ys = grouped.setdefault(r["series"], ([], []))
+        xs.append(r["epoch"])
+        ys.append(r["value"])
+    out = []
+    for k, (label, (xs, ys)) in enumerate(grouped.items()):
+        color = charts.PALETTE[k % len(charts.PALETTE)]
+        if smoothing > 0:
+            out.append(charts.Series(label, xs, ys, color=color, faint=True))
+            ys = charts.smooth(ys, smoothing)
+        out.append(charts.Series(label, xs, ys, color=color, dash="4 3" if label == "test_loss" else ""))
+    return out
+
+
+def epoch_charts(view: dict) -> tuple[str, str]:
+    """The loss and accuracy charts (SVG) of a :func:`run_view`: one point per epoch."""
+    loss = charts.line_chart(_series(view["loss"]), title="loss per epoch: the terms as weighted in it (≈: warm-up)",
+                             y_title="loss", elem_class="loss-chart")
+    acc = charts.line_chart(_series(view["accuracy"]), title="accuracy (%)", y_title=accuracy_title(view["accuracy"]),
+                            elem_class="accuracy-chart")
+    return loss, acc
+
+
+def step_chart(view: dict, smoothing: float = 0.0) -> str:
+    """The training loss every ``log.every`` steps (``steps.jsonl``), the terms weighted, optionally smoothed."""
+    loss, _ = curves(view["steps"], view["weights"], exact=True)
+    every = view.get("log_every")
+    return charts.line_chart(_series(loss, smoothing), title="training loss per step" + (
+        f" (mean of every {every} steps)" if every else ""), y_title="loss", elem_class="step-chart",
+        empty="no step rows yet: one every log.every steps (steps.jsonl)")
+
+
+METRICS = {"test_top1": "test top-1 (%)", "train_top1": "train top-1 (%)", "test_top5": "test top-5 (%)",
+           "test_loss": "test loss", "loss": "training loss per epoch", "step:loss": "training loss per step"}
+
+
+def compare_metrics(runs_dir: str | Path, names: list[str]) -> list[tuple[str, str]]:
+    """``(label, key)`` of what runs ``names`` logged: :data:`METRICS`, then each term unweighted, per epoch
+    (``loss/NAME``) and per step (``step:loss/NAME``)."""
+    keys: dict[str, None] = {}
+    for name in names:
+        try:
+            rd = RunDir(Path(runs_dir) / check_name(name))
+        except UserError:
+            continue
+        for row in rd.metrics()[:1]:
+            keys.update(dict.fromkeys(k for k in row if k in METRICS or k.startswith("loss/")))
+        for row in rd.steps()[:1]:
+            keys.update(dict.fromkeys("step:" + k for k in row if k == "loss" or k.startswith("loss/")))
+    known = [(label, k) for k, label in METRICS.items() if k in keys or k == "test_top1"]
+    terms = [(f"{k[5:]} (unweighted, per epoch)" if not k.startswith("step:") else
+              f"{k[10:]} (unweighted, per step)", k) for k in keys if k not in METRICS]
+    return known + terms
+
+
+def compare_chart(runs_dir: str | Path, names: list[str], metric: str, smoothing: float = 0.0) -> str:
+    """One line per run of ``metric`` (a key of :func:`compare_metrics`); step metrics smoothed by ``smoothing``."""
+    series, step = [], metric.startswith("step:")
+    key = metric[5:] if step else metric
+    for k, name in enumerate(dict.fromkeys(names)):
+        try:
+            rd = RunDir(Path(runs_dir) / check_name(name))
+        except UserError:
+            continue
+        rows = rd.steps() if step else rd.metrics()
+        pts = [(r["epoch"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+        if not pts:
+            continue
+        color = charts.PALETTE[k % len(charts.PALETTE)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if step and smoothing > 0:
+            series.append(charts.Series(name, xs, ys, color=color, faint=True))
+            ys = charts.smooth(ys, smoothing)
+        series.append(charts.Series(name, xs, ys, color=color))
+    label = dict((v, lab) for lab, v in compare_metrics(runs_dir, names)).get(metric, metric)
+    return charts.line_chart(series, title=f"{label}: {len(series)} run(s) compared", y_title=label,
+                             elem_class="compare-chart", empty="select runs with this metric to compare")
+
+
+def tensorboard_command(runs_dir: str | Path, names: list[str]) -> str | None:
+    """The command that opens TensorBoard on the runs' event folders (one run: its ``tb/``; several:
+    ``--logdir_spec NAME:DIR,...``), or None when none has TensorBoard events."""
+    dirs = []
+    for name in dict.fromkeys(names):
+        try:
+            tb = RunDir(Path(runs_dir) / check_name(name)).tensorboard_dir
+        except UserError:
+            continue
+        if tb.is_dir():
+            dirs.append((name, tb.resolve()))
+    if not dirs:
+        return None
+    if len(dirs) == 1:
+        return f"tensorboard --logdir {shlex.quote(str(dirs[0][1]))}"
+    return "tensorboard --logdir_spec " + shlex.quote(",".join(f"{n}:{d}" for n, d in dirs))
 
 
 def accuracy_title(rows: list[dict]) -> str:
@@ -320,11 +449,18 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
     if job and job.get("note"):
         lines.append(job["note"])
     spec = rd.spec_file if rd.spec_file.exists() else rd.path / LAUNCH_SPEC
-    loss, acc = curves(metrics, term_weights(_spec_data(spec)) if spec.exists() else None)
+    data = _spec_data(spec) if spec.exists() else None
+    weights = term_weights(data) if data else {}
+    board = tensorboard_command(runs_dir, [name])
+    if board:
+        lines.append(f"TensorBoard: `{board}`")
+    loss, acc = curves(metrics, weights or None)
+    every = ((data or {}).get("log") or {}).get("every") if isinstance((data or {}).get("log"), dict) else None
     return {"name": name, "status": status, "exit": record["exit"], "progress": progress(summary, metrics, job, now),
-            "markdown": "\n\n".join(lines), "loss": loss, "accuracy": acc, "metrics": metrics, "log": tail(log),
-            "summary": summary, "spec": spec.read_text() if spec.exists() else "", "can_stop": status in ACTIVE,
-            "can_resume": status in RESUMABLE and record["resumable"]}
+            "markdown": "\n\n".join(lines), "loss": loss, "accuracy": acc, "metrics": metrics, "steps": rd.steps(),
+            "weights": weights, "log_every": every, "log": tail(log, 200), "summary": summary,
+            "spec": spec.read_text() if spec.exists() else "", "can_stop": status in ACTIVE,
+            "can_resume": status in RESUMABLE and record["resumable"], "wiring": rd.wiring_file.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -339,6 +475,17 @@ def sweep_names(runs_dir: str | Path, jobs: dict[str, dict]) -> list[str]:
                     ((d / SWEEP_FILE).exists() or jobs.get(d.name, {}).get("kind") == "sweep"):
                 found[d.name] = max(p.stat().st_mtime for p in (d / SWEEP_FILE, d) if p.exists())
     return sorted(found, key=lambda n: (-found[n], n))
+
+
+def grid_html(header: list[str], rows: list[list[str]]) -> str:
+    """A sweep's grid of best top-1 as an HTML table (nothing until the sweep has written its grid)."""
+    if not header:
+        return ""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return (f'<table class="sweep-grid" style="border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr>'
+            f'</thead><tbody>{body}</tbody></table><style>.sweep-grid td,.sweep-grid th{{padding:3px 10px;'
+            f'border:1px solid #ddd;text-align:right}}.sweep-grid th{{background:#f3f3f3}}</style>')
 
 
 def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
@@ -366,4 +513,4 @@ def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
     heatmap = sweep_dir / "heatmap.png"
     return {"markdown": "\n\n".join(lines), "header": header, "rows": rows,
             "heatmap": str(heatmap) if heatmap.exists() and not active else None,
-            "log": tail(sweep_dir / OUTPUT_LOG), "can_stop": active}
+            "log": tail(sweep_dir / OUTPUT_LOG, 200), "can_stop": active}
