@@ -7,6 +7,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def describe(module: nn.Module) -> str:
+    """A module in a few words: ``1x1 conv 16→32, ReLU``, ``linear 64→128``; a module with a ``describe()``
+    method says it itself. For the wiring picture (:meth:`kdgraph.losses.Term.connectors`)."""
+    if hasattr(module, "describe") and callable(module.describe):
+        return module.describe()
+    if isinstance(module, nn.Conv2d):
+        return f"{module.kernel_size[0]}x{module.kernel_size[1]} conv {module.in_channels}→{module.out_channels}"
+    if isinstance(module, nn.Linear):
+        return f"linear {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "BN"
+    if isinstance(module, nn.Sequential):
+        return ", ".join(describe(m) for m in module).replace(", BN", "+BN")
+    return type(module).__name__
+
+
 class Align(nn.Module):
     """Align a student feature with a teacher feature, both given by their traced shapes (no batch).
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..distributed import gather_tensors
 from ..errors import UserError
 from . import functional as KF
-from .connectors import ABF, Align, Paraphraser, Translator
+from .connectors import ABF, Align, Paraphraser, Translator, describe
 
 
 @dataclass
@@ -251,9 +251,19 @@ class FeatureTerm(Term):
             for t, s in self.pairs)
 
     def connectors(self) -> list[str]:
-        """Each pair's :class:`~kdgraph.losses.connectors.Align` described (see :meth:`Term.connectors`)."""
+        """Each pair's :class:`~kdgraph.losses.connectors.Align` described, with the term's own per-pair
+        modules (a ``ModuleList`` with one module per pair, e.g. VID's regressors) after it (see
+        :meth:`Term.connectors`)."""
         align = getattr(self, "align", None)
-        return [a.describe() for a in align] if align is not None else ["built at setup"] * len(self.pairs)
+        if align is None:
+            return ["built at setup"] * len(self.pairs)
+        own = [(name, ml) for name, ml in self.named_children()
+               if name != "align" and isinstance(ml, nn.ModuleList) and len(ml) == len(self.pairs)]
+        out = []
+        for i, a in enumerate(align):
+            parts = [a.describe()] if a.describe() != "none" or not own else []
+            out.append("; ".join(parts + [f"{name}: {describe(ml[i])}" for name, ml in own]))
+        return out
 
     def pairs_of(self, out: Outputs):
         """The aligned ``(student, teacher)`` feature tensors of each pair, in ``self.pairs`` order."""
