@@ -65,10 +65,9 @@ def _draw(form: dict, loss: list[dict], teacher_rows, student_rows) -> str:
 
     num_classes, shape, _ = forms.trace_inputs({"dataset": str(form.get("data.dataset") or "").strip(),
                                                 "options": _options(form)})
-    with forms.TRACE_LOCK:
-        drawn = wiring.from_rows(loss, teacher_rows, student_rows, input_shape=shape, num_classes=num_classes,
-                                 student=_model_key(form, "student")[0],
-                                 teacher=_model_key(form, "teacher")[0] if teacher_rows is not None else None)
+    drawn = wiring.from_rows(loss, teacher_rows, student_rows, input_shape=shape, num_classes=num_classes,
+                             student=_model_key(form, "student")[0],
+                             teacher=_model_key(form, "teacher")[0] if teacher_rows is not None else None)
     pairs = len([k for k in drawn.links if k.teacher != wiring.LOGITS])
     return (f'<div class="wiring" data-pairs="{pairs}" data-links="{len(drawn.links)}" '
             f'style="overflow:auto">{wiring.svg(drawn, fluid=True)}</div>')
