@@ -355,7 +355,8 @@ def train(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, signals: _Si
     _announce(t)
     if t.rank == 0:  # rows past the checkpoint (killed before it was written)
         rd.keep_metrics(t.state["epoch"])
-        rd.keep_steps(max(t.state["epoch"], 0) * steps_per_epoch(t) + (t.state["step"] if t.state["epoch"] >= 0 else 0))
+        epoch, step = (t.state["epoch"], t.state["step"]) if t.state["epoch"] >= 0 else (0, 0)  # 0: pre-training
+        rd.keep_steps(epoch * steps_per_epoch(t) + step)
     for epoch in range(t.state["epoch"], t.train["epochs"]):
         stage = begin_stage(t, epoch)
         started = time.time()
