@@ -346,7 +346,8 @@ def _links_svg(w: Wiring, ports: dict) -> tuple[list[str], list[str]]:
         cx = (x1 + x2) / 2
         labels.append(f'<g class="label" data-term="{_esc(link.name)}"><rect x="{cx - width / 2}" y="{y - 9}" '
                       f'width="{width}" height="15" rx="3" fill="white" stroke="{color}" opacity="0.95"/>'
-                      f'<text x="{cx}" y="{y + 2}" text-anchor="middle" class="l" fill="{color}">{_esc(label)}</text></g>')
+                      f'<text x="{cx}" y="{y + 2}" text-anchor="middle" class="l" fill="{color}">'
+                      f'{_esc(label)}</text></g>')
     return curves, labels
 
 

@@ -234,7 +234,8 @@ def _build_tab(h: Handlers, gpus: list[str]) -> SimpleNamespace:
     f = _Fields(forms.spec_to_form(NEW_SPEC))
     b = SimpleNamespace(fields=f)
     with gr.Row(equal_height=True):
-        b.load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), value=None, label="spec in the specs folder",
+        b.load_choice = gr.Dropdown(choices=forms.spec_choices(h.specs_dir), value=None,
+                                    label="spec in the specs folder",
                                     allow_custom_value=True, elem_id="load-choice", scale=4)
         b.load = gr.Button("Load into the form", elem_id="load-button", scale=1)
         b.new = gr.Button("New spec", elem_id="new-button", scale=1)

@@ -71,5 +71,6 @@ def error_css(errors: dict[str, list[str]]) -> str:
         rules.append(f"{sel}{{outline:2px solid #d33;outline-offset:1px;border-radius:6px}}"
                      f"{sel}::after{{content:{_css_text(text)};display:block;white-space:pre-wrap;color:#b21;"
                      f"font-size:12px;line-height:1.35;padding:3px 6px 4px}}")
-    marker = f'<span class="field-errors" data-count="{len(errors)}" data-fields="{" ".join(elem_id(k) for k in errors)}"></span>'
+    fields = " ".join(elem_id(k) for k in errors)
+    marker = f'<span class="field-errors" data-count="{len(errors)}" data-fields="{fields}"></span>'
     return marker + "<style>" + "".join(rules) + "</style>"

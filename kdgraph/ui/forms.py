@@ -639,7 +639,8 @@ def weight_hint(cls, weight: float, pairs: list, teacher_rows: list[dict], stude
     from kdgraph.losses import term_params
 
     reference = getattr(cls, "weight_map_reference", None)
-    shapes = {**{("t", r["name"]): r["shape"] for r in teacher_rows}, **{("s", r["name"]): r["shape"] for r in student_rows}}
+    shapes = {("t", r["name"]): r["shape"] for r in teacher_rows}
+    shapes.update({("s", r["name"]): r["shape"] for r in student_rows})
     maps = []
     for t, s in pairs:
         ts, ss = shapes.get(("t", t)), shapes.get(("s", s))

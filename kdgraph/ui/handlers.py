@@ -144,8 +144,8 @@ class Handlers:
             else:
                 counts.append(f"no {role}" if model in ("", forms.NO_TEACHER) else f"{role}: not traced")
         note = " · ".join(counts) + "".join(f"  \n⚠ {n}" for n in notes)
-        return (views.layer_html(teacher_rows, text, pre, "teacher"), views.layer_html(student_rows, text, pre, "student"),
-                note)
+        return (views.layer_html(teacher_rows, text, pre, "teacher"),
+                views.layer_html(student_rows, text, pre, "student"), note)
 
     @staticmethod
     def tap_choices(*values):
