@@ -242,17 +242,21 @@ def _build_at_run(ui: _Page, teacher: Path, shots: Path) -> None:
 
 
 def _compare_stop_resume(ui: _Page, shots: Path) -> None:
+    """Stop the at run as soon as it logs a step (it takes ~20 s on 2 cores), overlay the teacher's run while
+    it is stopped, resume it to its end; the compare view is the README's screenshot."""
     page, expect = ui.page, ui.expect
-    ui.pick("compare-runs", "e2e-teacher")
-    expect(page.locator("#compare-plot .series:not(.faint)")).to_have_count(2, timeout=120000)
     ui.has("#run-log", "epoch 1 step 5/", timeout=300000)  # well before its end: stopped mid-epoch
+    expect(page.locator("#stop-button")).to_be_enabled(timeout=30000)
     page.locator("#stop-button").click()
     ui.has("#run-status", "stopped", timeout=120000)
     ui.has("#run-log", "stopped; resume with")
+    ui.pick("compare-runs", "e2e-teacher")
+    expect(page.locator("#compare-plot .series:not(.faint)").first).to_be_visible(timeout=60000)
     expect(page.locator("#resume-button")).to_be_enabled(timeout=30000)
     page.locator("#resume-button").click()
     ui.has("#run-status", "finished", timeout=600000)
     ui.has("#run-log", "resuming")
+    expect(page.locator("#compare-plot .series:not(.faint)")).to_have_count(2, timeout=60000)
     expect(page.locator("#step-plot .series:not(.faint)").first).to_be_visible(timeout=30000)
     expect(page.locator("#accuracy-plot .series[data-label='test_top1'] .marker")).to_have_count(4, timeout=30000)
     page.wait_for_timeout(2500)  # one more poll: the compare chart has the run's last epoch

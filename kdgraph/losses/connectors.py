@@ -142,6 +142,11 @@ class Paraphraser(nn.Module):
         self.encoder = _conv_stack([channels, channels, factor_channels, factor_channels])
         self.decoder = _conv_stack([factor_channels, factor_channels, channels, channels], transpose=True)
 
+    def describe(self) -> str:
+        """``autoencoder 3x3 convs C→kC→C`` (for the wiring picture)."""
+        c, k = self.encoder[0].in_channels, self.encoder[-2].out_channels
+        return f"autoencoder 3x3 convs {c}→{k}→{c}"
+
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
@@ -155,6 +160,10 @@ class Translator(nn.Module):
     def __init__(self, channels: int, factor_channels: int):
         super().__init__()
         self.encoder = _conv_stack([channels, channels, factor_channels, factor_channels])
+
+    def describe(self) -> str:
+        """``3x3 convs C_s→kC_t`` (for the wiring picture)."""
+        return f"3x3 convs {self.encoder[0].in_channels}→{self.encoder[-2].out_channels}"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
