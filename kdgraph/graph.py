@@ -454,7 +454,8 @@ def layers(model: nn.Module, input_shape: Sequence[int], leaf_modules: Iterable[
 
     ``input_shape`` excludes the batch; shapes in the result exclude it too. ``kind`` is ``module`` (leaf
     module call), ``function``, ``method``, ``pre`` (the input of an activation) or ``block`` (the output
-    of a non-leaf module). Shapes come from fake tensors, so no real computation happens.
+    of a non-leaf module; its row also has ``input``, the shape of the module's input, which ``NAME:pre``
+    taps). Shapes come from fake tensors, so no real computation happens.
     """
     traced = trace(model, leaf_modules)
     values = _propagate(model, traced.graph, torch.zeros(batch_size, *input_shape))
@@ -475,7 +476,9 @@ def layers(model: nn.Module, input_shape: Sequence[int], leaf_modules: Iterable[
         kind = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
         rows.append({"name": name, "op": _op_label(node, model), "kind": kind, "shape": shape})
         for path in sorted(block_at.get(node, ()), key=len, reverse=True):  # outermost last
-            rows.append({"name": path, "op": traced.modules[path][2], "kind": "block", "shape": shape})
+            src = traced.modules[path][0]
+            rows.append({"name": path, "op": traced.modules[path][2], "kind": "block", "shape": shape,
+                         "input": _shape(values.get(src)) if src is not None else None})
     return rows
 
 

@@ -117,3 +117,15 @@ def test_smoothing_is_tensorboards_debiased_average():
     assert charts.smooth([3.0, 3.0, 3.0], 0.9) == pytest.approx([3.0, 3.0, 3.0])  # no pull towards 0
     assert charts.smooth([0.0, 1.0], 0.5) == pytest.approx([0.0, 2 / 3])  # (0.5*0.5*0 + 0.5*1) / (1 - 0.25)
     assert charts.smooth([1.0, 5.0], 0.0) == [1.0, 5.0]
+
+
+def test_a_blocks_input_has_its_shape_and_connector():
+    """fsp's first position is the first stage's input (``block1:pre``, a module's input): it is drawn with the
+    shape the module reads, and the term is set up on it like on any other position."""
+    w, t_rows, s_rows = draw("wrn-16-2", "wrn-10-1", [{"method": "fsp"}], (3, 16, 16))
+    assert not w.notes
+    first = w.links[0]
+    conv1 = {r["name"]: r["shape"] for r in s_rows}["conv1"]  # the stem's output is what block1 reads
+    assert (first.teacher, first.student) == ("block1:pre", "block1:pre")
+    assert first.teacher_shape == first.student_shape == conv1
+    assert all(k.connector != "built at setup" for k in w.links)

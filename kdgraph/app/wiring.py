@@ -129,11 +129,17 @@ def _legend(name: str, term) -> dict:
     return {"name": name, "method": type(term).__name__, "weight": term.weight, "what": what}
 
 
+def tap_shapes(rows: list[dict]) -> dict:
+    """Tap name -> shape of a :func:`kdgraph.layers` table, with ``BLOCK:pre`` (a block's input) for its blocks."""
+    shapes = {r["name"]: r["shape"] for r in rows}
+    shapes.update({r["name"] + PRE: r["input"] for r in rows if r["kind"] == "block" and r.get("input")})
+    return shapes
+
+
 def assemble(terms, names: Sequence[str], teacher_rows: list[dict] | None, student_rows: list[dict],
              input_shape: Sequence[int], student: str, teacher: str | None, notes: Sequence[str] = ()) -> Wiring:
     """The :class:`Wiring` of built terms (their ``pairs`` resolved, and set up for their connectors)."""
-    t_shapes = {r["name"]: r["shape"] for r in teacher_rows or []}
-    s_shapes = {r["name"]: r["shape"] for r in student_rows}
+    t_shapes, s_shapes = tap_shapes(teacher_rows or []), tap_shapes(student_rows)
     links, legend = [], []
     for i, (name, term) in enumerate(zip(names, terms)):
         legend.append(_legend(name, term))
@@ -164,8 +170,8 @@ def setup_on_meta(terms, teacher_rows: list[dict] | None, student_rows: list[dic
 
     from ..losses import Setup
 
-    shapes = {("teacher", r["name"]): tuple(r["shape"]) for r in teacher_rows or [] if r["shape"]}
-    shapes.update({("student", r["name"]): tuple(r["shape"]) for r in student_rows if r["shape"]})
+    shapes = {("teacher", n): tuple(v) for n, v in tap_shapes(teacher_rows or []).items() if v}
+    shapes.update({("student", n): tuple(v) for n, v in tap_shapes(student_rows).items() if v})
     notes = []
     for term in terms:
         if term.features is None or not term.pairs:
