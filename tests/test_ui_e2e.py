@@ -215,7 +215,7 @@ def _build_at_run(ui: _Page, teacher: Path, shots: Path) -> None:
     ui.has("#student-layers", "block3.0.relu1:pre")
     ui.pick("teacher-checkpoint", str(teacher))
     ui.fill("name", "browser-at")
-    ui.fill("train-epochs", "4")
+    ui.fill("train-epochs", "8")
     ui.fill("log-every", "5")
     ui.has("#yaml-preview", "every: 5")
     page.wait_for_timeout(1500)  # the form reaches the browser's storage
@@ -242,8 +242,9 @@ def _build_at_run(ui: _Page, teacher: Path, shots: Path) -> None:
 
 
 def _compare_stop_resume(ui: _Page, shots: Path) -> None:
-    """Stop the at run as soon as it logs a step (it takes ~20 s on 2 cores), overlay the teacher's run while
-    it is stopped, resume it to its end; the compare view is the README's screenshot."""
+    """Stop the at run once it logs a step (its 8 epochs take ~40 s on 2 cores: time for a page slowed by a
+    loaded machine to catch it), overlay the teacher's run while it is stopped, resume it to its end; the
+    compare view is the README's screenshot."""
     page, expect = ui.page, ui.expect
     ui.has("#run-log", "epoch 1 step 5/", timeout=300000)  # well before its end: stopped mid-epoch
     expect(page.locator("#stop-button")).to_be_enabled(timeout=30000)
@@ -258,7 +259,7 @@ def _compare_stop_resume(ui: _Page, shots: Path) -> None:
     ui.has("#run-log", "resuming")
     expect(page.locator("#compare-plot .series:not(.faint)")).to_have_count(2, timeout=60000)
     expect(page.locator("#step-plot .series:not(.faint)").first).to_be_visible(timeout=30000)
-    expect(page.locator("#accuracy-plot .series[data-label='test_top1'] .marker")).to_have_count(4, timeout=30000)
+    expect(page.locator("#accuracy-plot .series[data-label='test_top1'] .marker")).to_have_count(8, timeout=30000)
     page.wait_for_timeout(2500)  # one more poll: the compare chart has the run's last epoch
     page.locator("#run-status").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
