@@ -19,14 +19,27 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def load(path: str | Path, map_location="cpu") -> Any:
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; a missing, empty or damaged file is a :class:`UserError` naming it.
+
+    ``mmap`` maps the file instead of reading it (zip-format checkpoints; older ones are read).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file; all mean "unreadable"
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path)
 
 
 def model_state(obj: Any, path: str | Path) -> dict:
@@ -40,24 +53,39 @@ def model_state(obj: Any, path: str | Path) -> dict:
     raise UserError(f"{path} holds neither a kdgraph checkpoint nor a state_dict")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint's weights into ``model``; a mismatch names the file and the keys."""
-    state = model_state(load(path), path)
+def state_mismatch(model: nn.Module, state: dict, what: str) -> str | None:
+    """Why ``state`` (a state_dict) does not load into ``model`` -- missing and unexpected keys, shape
+    mismatches -- or ``None`` when it does. ``what`` names the weights in the message."""
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches (file vs model): {few(shapes)}" if shapes else ""]
-        raise UserError(f"checkpoint {path} does not match {type(model).__name__}: "
-                        + "; ".join(p for p in parts if p))
-    model.load_state_dict(state)
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(keys):
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    parts = [f"missing keys: {few(missing)}" if missing else "",
+             f"unexpected keys: {few(unexpected)}" if unexpected else "",
+             f"shape mismatches (file vs model): {few(shapes)}" if shapes else ""]
+    return f"{what} do not match {type(model).__name__}: " + "; ".join(p for p in parts if p)
+
+
+def mismatch(model: nn.Module, path: str | Path) -> str | None:
+    """:func:`state_mismatch` for a checkpoint file, read memory-mapped (no weights are copied); a file that
+    does not exist or cannot be read raises a :class:`UserError`."""
+    return state_mismatch(model, model_state(load(path, mmap=True), path), f"the weights in {path}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``; a mismatch names the file and the keys."""
+    state = model_state(load(path), path)
+    problem = state_mismatch(model, state, f"the weights in checkpoint {path}")
+    if problem:
+        raise UserError(problem)
+    model.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()})
 
 
 def rng_state() -> dict:

@@ -8,12 +8,20 @@ Users extend kdgraph without editing it either by registering under a name::
     def mynet(num_classes=10, **kw): ...
 
 or by naming an import path in a spec (``model: mypkg.nets:MyNet``).
+
+A spec that names an import path runs code, as a Python script does. :func:`set_import_policy` decides,
+for the whole process, which import paths :func:`import_object` may follow: all of them (the default, for
+a user's own specs), none (``--no-imports``), or those under a few allowed packages (``kdgraph ui
+--allow-imports``). The policy is checked before anything is imported.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
-from typing import Any, Callable, Iterator
+import sys
+import types
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import UserError, did_you_mean
 
@@ -24,21 +32,86 @@ def is_import_path(name: str) -> bool:
     return bool(_IMPORT_PATH.match(name))
 
 
+# --------------------------------------------------------------------------------------- import policy
+_policy: tuple[str, ...] | None = None  # None: every import path
+_policy_source = ""
+
+
+def set_import_policy(allowed: Iterable[str] | None, source: str = "") -> None:
+    """Which import paths :func:`import_object` follows, process-wide.
+
+    ``None``: all of them. An iterable of package names: only modules under them (``"mypkg"`` allows
+    ``mypkg`` and ``mypkg.nets``; the standard library never, whatever is listed); an empty one: none.
+    ``source`` names the switch that set it (``--no-imports``), for the error message.
+    """
+    global _policy, _policy_source
+    _policy = None if allowed is None else tuple(sorted({a.strip() for a in allowed if a.strip()}))
+    _policy_source = source
+
+
+def import_policy() -> tuple[tuple[str, ...] | None, str]:
+    """``(allowed packages or None for all, the switch that set it)``."""
+    return _policy, _policy_source
+
+
+@contextlib.contextmanager
+def import_policy_scope(allowed: Iterable[str] | None, source: str = "") -> Iterator[None]:
+    """:func:`set_import_policy` for the duration of a ``with`` block."""
+    before = import_policy()
+    set_import_policy(allowed, source)
+    try:
+        yield
+    finally:
+        set_import_policy(before[0], before[1])
+
+
+def _allowed(module_name: str) -> bool:
+    if _policy is None:
+        return True
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return False
+    return any(module_name == p or module_name.startswith(p + ".") for p in _policy)
+
+
+def _refuse(path: str, what: str) -> UserError:
+    if _policy == ():
+        why = f"import paths are switched off{f' ({_policy_source})' if _policy_source else ''}"
+    else:
+        why = (f"only modules under {', '.join(_policy)} may be imported"
+               f"{f' ({_policy_source})' if _policy_source else ''}, never the standard library")
+    return UserError(f"{path!r} is an import path (code that a spec names) and {what}: {why}. "
+                     f"Use a registered name, or allow the package where you trust the spec")
+
+
 def import_object(path: str) -> Any:
-    """Resolve ``package.module:attr.sub`` to the object it names; a UserError says what went wrong."""
+    """Resolve ``package.module:attr.sub`` to the object it names; a UserError says what went wrong.
+
+    Under a restricted import policy (see :func:`set_import_policy`) the module is checked before it is
+    imported, and the object must be a public attribute defined under an allowed package (no walking into
+    other modules, no re-exported ``os.system``).
+    """
     if not is_import_path(path):
         raise UserError(f"{path!r} is not an import path of the form 'package.module:Name'")
     module_name, _, attr = path.partition(":")
+    if not _allowed(module_name):
+        raise _refuse(path, f"would import module {module_name!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"cannot import module {module_name!r} for {path!r}: {e}") from None
     obj: Any = module
     for part in attr.split("."):
+        if _policy is not None and (part.startswith("_") or isinstance(obj, types.ModuleType) and obj is not module):
+            raise _refuse(path, f"reaches {part!r} through {getattr(obj, '__name__', module_name)!r}")
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             raise UserError(f"module {module_name!r} has no attribute {attr!r}{did_you_mean(part, names)}")
         obj = getattr(obj, part)
+    origin = getattr(obj, "__module__", None)
+    if _policy is not None and (isinstance(obj, types.ModuleType) or not isinstance(origin, str)
+                                or not _allowed(origin)):
+        raise _refuse(path, f"names an object of {origin or type(obj).__name__!r}")
     return obj
 
 

@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 PROBLEM = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<path>[\w.<>-]+): (?P<msg>.+)$")
 
 
+@pytest.fixture
+def teacher_pt(tmp_path, monkeypatch) -> Path:
+    """``teacher.pt`` (a wrn-16-1 for 10 classes, as the specs below name) in the current directory."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_model("wrn-16-1", num_classes=10).state_dict(), tmp_path / "teacher.pt")
+    return tmp_path / "teacher.pt"
+
 
 def problems(text: str) -> list[dict]:
     """Every line must be one ``FILE:LINE:COL: key.path: message`` problem."""
@@ -74,7 +83,7 @@ train: {epochs: 2}
 """
 
 
-def test_validate_reports_each_problem_at_its_place(tmp_path, cli, monkeypatch):
+def test_validate_reports_each_problem_at_its_place(tmp_path, cli, monkeypatch, teacher_pt):
     monkeypatch.chdir(tmp_path)
     for name, text in [("schema_bad.yaml", SCHEMA_BAD), ("semantic_bad.yaml", SEMANTIC_BAD),
                        ("no_teacher.yaml", NO_TEACHER)]:
@@ -107,7 +116,7 @@ def test_validate_reports_each_problem_at_its_place(tmp_path, cli, monkeypatch):
     assert "teacher" in p["msg"]
 
 
-def test_validate_a_valid_spec(tmp_path, cli):
+def test_validate_a_valid_spec(tmp_path, cli, teacher_pt):
     file = tmp_path / "valid.yaml"
     file.write_text(VALID)
     code, out, err = cli(["validate", file])
@@ -115,7 +124,7 @@ def test_validate_a_valid_spec(tmp_path, cli):
     assert "1 spec(s) valid" in out
 
 
-def test_validate_multi_document_file(tmp_path, cli):
+def test_validate_multi_document_file(tmp_path, cli, teacher_pt):
     file = tmp_path / "two.yaml"
     file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2").replace("block3, block3",
                                                                                            "block3, blok3"))
@@ -125,7 +134,7 @@ def test_validate_multi_document_file(tmp_path, cli):
     assert p["path"] == "loss.2.positions.1.1" and p["line"] == 20  # the line in the file, second document
 
 
-def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, cli):
+def test_set_overrides_apply_and_bad_values_point_at_set(tmp_path, cli, teacher_pt):
     file = tmp_path / "s.yaml"
     file.write_text(VALID.replace("epochs: 2", "epochs: -1"))
     code, _, err = cli(["validate", file])
@@ -168,7 +177,7 @@ def test_run_refuses_a_sweep_spec_unless_sweep_is_nulled(tmp_path, cli):
     assert (tmp_path / "runs" / "sw" / "summary.json").exists()
 
 
-def test_run_out_takes_one_spec(tmp_path, cli):
+def test_run_out_takes_one_spec(tmp_path, cli, teacher_pt):
     file = tmp_path / "two.yaml"
     file.write_text(VALID + "---\n" + VALID.replace("name: valid", "name: valid2"))
     code, _, err = cli(["run", file, "--out", tmp_path / "x"])

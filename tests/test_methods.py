@@ -325,9 +325,12 @@ def test_auto_positions_count_mismatch_is_a_clear_problem(tmp_path, capsys):
     assert f"{len(t_ends)} teacher position(s)" in message and "3 student position(s)" in message
     assert "layer1" in message and "block1" in message and "[[teacher_tap, student_tap]" in message
 
-    # the same through `kdgraph validate`, at the spec's place (digits resized to 32x32)
+    # the same through `kdgraph validate`, at the spec's place (digits resized to 32x32); validate compares the
+    # checkpoint's keys and shapes only, so the teacher's meta-device state_dict stands for trained weights
+    torch.save(t_net.state_dict(), tmp_path / "t.pt")
     spec = {"name": "mismatch", "data": {"dataset": "digits", "workers": 0, "options": {"size": 32}},
-            "teacher": {"model": "torchvision:resnet18", "checkpoint": "t.pt"}, "student": {"model": "wrn-10-1"},
+            "teacher": {"model": "torchvision:resnet18", "checkpoint": str(tmp_path / "t.pt")},
+            "student": {"model": "wrn-10-1"},
             "loss": [{"method": "ce"}, {"method": "at", "positions": "auto"}]}
     file = write(tmp_path / "mismatch.yaml", spec)
     assert main(["validate", str(file)]) == 2

@@ -54,11 +54,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..distributed import rank as _rank, world as _world
 from ..errors import UserError, did_you_mean
+from ..params import check_arguments
 from .base import DATASETS, DatasetInfo
 from .labels import UNLABELLED, PartialLabels, dataset_targets, hide_labels, labelled_subset
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
 
-__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "UNLABELLED", "build_datasets", "build_loaders",
+__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "UNLABELLED", "build_datasets", "build_loaders", "option_problems",
            "seed_worker", "train_targets"]
 
 _BUILDER_ARGS = ("root", "train", "augment", "download")
@@ -71,8 +72,8 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, DatasetInf
                   download=bool(cfg.get("download", True)))
     options = dict(cfg.get("options") or {})
     builder = DATASETS.get(name)  # UserError, with suggestions, for an unknown name or a bad import path
+    _check_options(name, options)
     if name in DATASETS:
-        _check_options(builder, options, name)
         train_set = builder(train=True, **common, **options)
         test_set = builder(train=False, **common, **options)
         return train_set, test_set, _registered_info(name, options, train_set)
@@ -275,15 +276,32 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def _check_options(builder, options: Mapping[str, Any], name: str) -> None:
-    params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [p for p in params if p not in _BUILDER_ARGS]
+def option_problems(name: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems of a spec's ``data.options`` for dataset ``name``, as ``[(option, message)]``: options its
+    builder does not take (unless it takes ``**options``) and values outside their annotated types and
+    ranges (see :mod:`kdgraph.params`). Nothing is loaded; an import path is imported (under the policy)."""
+    builder = DATASETS.get(name)
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return []
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [p for p in params if p not in _BUILDER_ARGS and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    problems = []
     for key in options:
-        if key not in accepted:
-            raise UserError(f"dataset {name!r} has no option {key!r}{did_you_mean(key, accepted)}; "
-                            f"its options: {', '.join(accepted) or 'none'}")
+        if key in _BUILDER_ARGS:
+            problems.append((key, f"{key!r} is not an option: set it in the data block (data.{key})"
+                             if key != "train" else "'train' is not an option: kdgraph builds both splits"))
+        elif key not in accepted and not takes_any:
+            problems.append((key, f"dataset {name!r} has no option {key!r}{did_you_mean(key, accepted)}; "
+                                  f"its options: {', '.join(accepted) or 'none'}"))
+    return problems + check_arguments(builder, dict(options), skip=_BUILDER_ARGS)
+
+
+def _check_options(name: str, options: Mapping[str, Any]) -> None:
+    problems = option_problems(name, options)
+    if problems:
+        raise UserError("; ".join(f"data.options.{k}: {m}" for k, m in problems))
 
 
 def _registered_info(name: str, options: Mapping[str, Any], train_set: Dataset) -> DatasetInfo:

@@ -7,12 +7,14 @@ stratified split uses a fixed seed, independent of the training seed.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..params import Range
 from .base import DATASETS
 
 SPLIT_SEED = 0
@@ -103,7 +105,7 @@ def _stats(which: int):
 
 @DATASETS.register("digits", num_classes=10, mean=_stats(4), std=_stats(5),
                    input_shape=lambda size=16, **_: (3, size, size))
-def digits(root: str, train: bool, augment: bool, download: bool, size: int = 16):
+def digits(root: str, train: bool, augment: bool, download: bool, size: Annotated[int, Range(ge=1, le=256)] = 16):
     """The scikit-learn digits (``root`` and ``download`` are unused); translation by <= 1 px if ``augment``."""
     x_train, y_train, x_test, y_test, mean, std = digits_split(int(size))
     if train:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
 from torchvision import datasets, transforms as T
 
 from ..errors import UserError
+from ..params import PositiveInt
 from .base import DATASETS, imagefolder_layout, require_dirs
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -73,7 +75,8 @@ def _image_folder(root: str, split: str, name: str, transform, layout: str) -> d
 
 
 @DATASETS.register("cinic10", num_classes=10, input_shape=(3, 32, 32), mean=CINIC_MEAN, std=CINIC_STD)
-def cinic10(root: str, train: bool, augment: bool, download: bool, train_split: str = "train"):
+def cinic10(root: str, train: bool, augment: bool, download: bool,
+            train_split: Literal["train", "train+valid"] = "train"):
     """CINIC-10 as ImageFolders ``root/{train,valid,test}``; ``train_split`` is "train" or "train+valid"."""
     if train_split not in ("train", "train+valid"):
         raise UserError(f"cinic10: options.train_split must be 'train' or 'train+valid', not {train_split!r}")
@@ -93,7 +96,7 @@ def cinic10(root: str, train: bool, augment: bool, download: bool, train_split: 
 
 @DATASETS.register("imagenet", num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    input_shape=lambda image_size=224, **_: (3, image_size, image_size))
-def imagenet(root: str, train: bool, augment: bool, download: bool, image_size: int = 224):
+def imagenet(root: str, train: bool, augment: bool, download: bool, image_size: PositiveInt = 224):
     """ImageNet (or any subset) as ImageFolders ``root/train`` and ``root/val``."""
     split = "train" if train else "val"
     layout = imagefolder_layout(root, ["train", "val"])
@@ -106,8 +109,9 @@ def imagenet(root: str, train: bool, augment: bool, download: bool, image_size: 
                    std=lambda image_size=(3, 32, 32), **_: (FAKE_STD,) * image_size[0],
                    num_classes=lambda num_classes=10, **_: num_classes,
                    input_shape=lambda image_size=(3, 32, 32), **_: tuple(image_size))
-def fake(root: str, train: bool, augment: bool, download: bool, train_size: int = 256,
-         test_size: int = 128, image_size=(3, 32, 32), num_classes: int = 10):
+def fake(root: str, train: bool, augment: bool, download: bool, train_size: PositiveInt = 256,
+         test_size: PositiveInt = 128, image_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (3, 32, 32),
+         num_classes: PositiveInt = 10):
     """Deterministic random images (torchvision ``FakeData``); train and test sets never share an image."""
     channels = image_size[0]
     return datasets.FakeData(size=train_size if train else test_size, image_size=tuple(image_size),

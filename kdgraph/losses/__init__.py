@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from ..errors import UserError, did_you_mean
 from ..graph import PRE, stage_ends
+from ..params import check_arguments, coerce_arguments
 from ..registry import Registry
 from . import functional
 from .functional import UNLABELLED
@@ -27,7 +30,7 @@ for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL), ("
                     ("ab", AB)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
-__all__ = ["LOSSES", "UNLABELLED", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional",
+__all__ = ["LOSSES", "UNLABELLED", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "probe_pairs",
            "term_params"]
 
 _COMMON = {"method", "weight", "positions", "warmup_epochs"}
@@ -129,7 +132,7 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
         if not (isinstance(cls, type) and issubclass(cls, Term)):
             problems.append((path + ("method",), f"{cfg['method']!r} is not a kdgraph.losses.Term subclass"))
             continue
-        params = {k: v for k, v in cfg.items() if k not in ("method", "positions") and v is not None}
+        params = _params(cfg)
         allowed = set(term_params(cls))
         bad = [k for k in params if k not in allowed]
         for k in bad:
@@ -138,9 +141,12 @@ def build_terms(loss: list[dict], *, teacher_rows: list[dict] | None, student_ro
                                                   f"its parameters: {', '.join(sorted(allowed))}"))
         if bad:
             continue
+        wrong = check_arguments(cls, params)
+        problems.extend((path + (k,), f"{cfg['method']}: {k}: {msg}") for k, msg in wrong)
+        if wrong:
+            continue
         try:
-            own = inspect.signature(cls.__init__).parameters
-            term = cls(**{k: v for k, v in params.items() if k not in _FRAMEWORK or k in own})
+            term = _construct(cls, params)
         except (TypeError, ValueError) as e:
             problems.append((path, f"{cfg['method']}: {e}"))
             continue
@@ -186,3 +192,86 @@ def _resolve_pairs(method, term, positions, teacher_rows, student_rows):
 
 def _is_pre_of(name: str, known: set) -> bool:
     return name.endswith(PRE) and name[: -len(PRE)] in known
+
+
+def _construct(cls, params: dict) -> Term:
+    """``cls(**params)``, framework keys left to :func:`_framework_keys`, integers for floats made floats."""
+    own = inspect.signature(cls.__init__).parameters
+    return cls(**coerce_arguments(cls, {k: v for k, v in params.items() if k not in _FRAMEWORK or k in own}))
+
+
+def _params(cfg: dict) -> dict:
+    """A ``loss`` entry's keyword arguments for its term (``method`` and ``positions`` are not)."""
+    return {k: v for k, v in cfg.items() if k not in ("method", "positions") and v is not None}
+
+
+_PROBE_BATCH = 4
+
+
+def probe_pairs(cfg: dict, term: Term, teacher_rows: list[dict], student_rows: list[dict], models: dict,
+                num_classes: int) -> list[tuple[int | None, str]]:
+    """Pairs of ``term`` its method cannot combine, as ``[(pair index or None, message)]``.
+
+    A fresh term of the same method is set up and run once on ``meta`` tensors shaped like the traced
+    positions (no data, no weights), so a 2-D embedding paired with a 4-D map, or spatial sizes a method
+    cannot align, are found before any work. Only the errors a method raises for inputs it cannot take
+    (``ValueError``, and torch's ``RuntimeError`` for mismatched shapes) count; a term that cannot run on
+    ``meta`` tensors at all is not judged. ``models`` holds the ``meta`` models by role.
+    """
+    shapes = {("teacher", r["name"]): tuple(r["shape"]) for r in teacher_rows}
+    shapes.update({("student", r["name"]): tuple(r["shape"]) for r in student_rows})
+    if any(("teacher", t) not in shapes or ("student", s) not in shapes for t, s in term.pairs):
+        return []  # e.g. NAME:pre of a module whose input shape the table does not list
+    probe = _Probe(type(term), _params(cfg), shapes, models, num_classes)
+    error = probe.run(term.pairs)
+    if error is None:
+        return []
+    if len(term.pairs) == 1:
+        return [(0, error)]
+    located = [(j, e) for j, pair in enumerate(term.pairs) if (e := probe.run([pair])) is not None]
+    return located or [(None, error)]
+
+
+class _Probe:
+    def __init__(self, cls, params: dict, shapes: dict, models: dict, num_classes: int):
+        self.cls, self.params, self.shapes, self.models, self.num_classes = cls, params, shapes, models, num_classes
+
+    def meta(self, role: str, name: str, batch: int = _PROBE_BATCH) -> torch.Tensor:
+        return torch.empty(batch, *self.shapes[(role, name)], device="meta")
+
+    def run(self, pairs: list[tuple[str, str]]) -> str | None:
+        """Why the method fails on ``pairs`` (a message naming them and their shapes), or None."""
+        term = _construct(self.cls, self.params)
+        term.pairs = list(pairs)
+        samples = 2 * max(self.num_classes, _PROBE_BATCH)  # a stand-in training set: every class, twice
+        ctx = Setup(student=self.models.get("student"), teacher=self.models.get("teacher"),
+                    student_shapes={s: self.shapes[("student", s)] for _, s in pairs},
+                    teacher_shapes={t: self.shapes[("teacher", t)] for t, _ in pairs}, teacher_node=None,
+                    teacher_features=lambda names: {n: self.meta("teacher", n, 2 * _PROBE_BATCH) for n in names},
+                    log=lambda _: None, num_samples=samples, targets=torch.arange(samples) % self.num_classes)
+        logits = torch.empty(_PROBE_BATCH, self.num_classes, device="meta")
+        out = Outputs(logits=logits, target=torch.zeros(_PROBE_BATCH, dtype=torch.long, device="meta"),
+                      feats={s: self.meta("student", s) for _, s in pairs}, teacher_logits=logits.clone(),
+                      teacher_feats={t: self.meta("teacher", t) for t, _ in pairs},
+                      index=torch.arange(_PROBE_BATCH, device="meta"))
+        try:
+            with torch.device("meta"):
+                term.setup(ctx)
+                term(out)
+        except NotImplementedError:
+            return None
+        except (ValueError, RuntimeError, UserError) as e:
+            if "meta" in str(e).lower():  # an operation with no meta kernel, or a data-dependent one
+                return None
+            shown = ", ".join(f"teacher {t!r} {_dims(self.shapes[('teacher', t)])} with student {s!r} "
+                              f"{_dims(self.shapes[('student', s)])}" for t, s in pairs)
+            return f"{_method_name(self.cls)} cannot pair {shown}: {str(e).splitlines()[0]}"
+        return None
+
+
+def _dims(shape: tuple) -> str:
+    return f"({'x'.join(map(str, shape))})"
+
+
+def _method_name(cls) -> str:
+    return next((n for n in LOSSES.names() if LOSSES.get(n) is cls), cls.__name__)

@@ -6,7 +6,9 @@ A term holds its state (connectors, margins, memory banks) and calls the pure ma
 * subclass :class:`Term` (or follow its attributes): ``needs_teacher``, ``needs_labels``, ``features``
   (``None`` for logit methods; ``"out"`` or ``"pre"`` for feature methods: what ``positions: auto``
   picks), ``auto`` (``"all"``, ``"last"``, ``"middle"`` or ``"embedding"``) and ``default_weight``;
-* take its parameters as keyword arguments of ``__init__`` (they are the spec keys of the term);
+* take its parameters as keyword arguments of ``__init__`` (they are the spec keys of the term), annotated
+  with what they take (``temperature: Positive = 4.0``; see :mod:`kdgraph.params`): a spec value outside
+  the declared type or range is a located problem of ``kdgraph validate``, never a NaN in training;
 * optionally override ``setup(ctx)`` (called once, after the teacher is loaded, with the traced shapes);
 * implement ``forward(out: Outputs) -> Tensor``, the *unweighted* loss. :class:`kdgraph.Distiller`
   multiplies it by ``weight`` (ramped up over ``warmup_epochs``: :meth:`Term.factor`) and reports each
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from ..distributed import gather_tensors
 from ..errors import UserError
+from ..params import NonNegative, Positive, Probability
 from . import functional as KF
 from .connectors import ABF, Align, Paraphraser, Translator, describe
 
@@ -170,7 +173,7 @@ class Term(nn.Module):
     # was tuned on (None: the weight does not depend on map sizes). Read by the UI's weight hint.
     weight_map_reference: tuple[tuple[int, int], ...] | None = None
 
-    def __init__(self, weight: float | None = None, warmup_epochs: float = 0.0):
+    def __init__(self, weight: NonNegative | None = None, warmup_epochs: NonNegative = 0.0):
         super().__init__()
         self.weight = self.default_weight if weight is None else float(weight)
         self.warmup_epochs = float(warmup_epochs)
@@ -278,7 +281,7 @@ class CE(Term):
     needs_teacher = False
     needs_labels = True
 
-    def __init__(self, weight=None, warmup_epochs=0.0, label_smoothing: float = 0.0):
+    def __init__(self, weight=None, warmup_epochs=0.0, label_smoothing: Probability = 0.0):
         super().__init__(weight, warmup_epochs)
         self.label_smoothing = label_smoothing
 
@@ -296,7 +299,7 @@ class KD(Term):
 
     default_weight = 0.9
 
-    def __init__(self, weight=None, warmup_epochs=0.0, temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, weight=None, warmup_epochs=0.0, temperature: Positive = 4.0, standardize: bool = False):
         super().__init__(weight, warmup_epochs)
         self.temperature, self.standardize = temperature, _flag("standardize", standardize)
 
@@ -313,8 +316,8 @@ class DKD(Term):
 
     needs_labels = True  # both parts are defined by the target class
 
-    def __init__(self, weight=None, warmup_epochs=20.0, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, weight=None, warmup_epochs=20.0, alpha: NonNegative = 1.0, beta: NonNegative = 8.0,
+                 temperature: Positive = 4.0, standardize: bool = False):
         super().__init__(weight, warmup_epochs)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.standardize = _flag("standardize", standardize)
@@ -340,7 +343,7 @@ class AT(FeatureTerm):
     # canonical weight holds for the group outputs of a WRN on 32x32 CIFAR images (the UI's weight hint).
     weight_map_reference = ((32, 32), (16, 16), (8, 8))
 
-    def __init__(self, weight=None, warmup_epochs=0.0, p: float = 2.0):
+    def __init__(self, weight=None, warmup_epochs=0.0, p: Positive = 2.0):
         super().__init__(weight, warmup_epochs)
         self.p = p
 
@@ -400,7 +403,8 @@ class RKD(FeatureTerm):
     connect_channels = False
     match_spatial = False
 
-    def __init__(self, weight=None, warmup_epochs=0.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(self, weight=None, warmup_epochs=0.0, distance_weight: NonNegative = 25.0,
+                 angle_weight: NonNegative = 50.0):
         super().__init__(weight, warmup_epochs)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 

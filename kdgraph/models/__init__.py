@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, did_you_mean
+from ..params import check_arguments
 from ..registry import Registry
 from .resnet_cifar import ResNet
 from .shufflenetv2 import ShuffleNetV2
@@ -119,9 +120,12 @@ def _build_torchvision(arch: str, num_classes: int, weights: str | None, in_chan
 
 
 def _instantiate(name: str, builder: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
+    wrong = check_arguments(builder, kwargs)
+    if wrong:
+        raise UserError(f"model {name!r}: " + "; ".join(f"{k}: {msg}" for k, msg in wrong))
     try:
         model = builder(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"cannot build model {name!r} with arguments {sorted(kwargs)}: {e}") from e
     if not isinstance(model, nn.Module):
         raise UserError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,7 @@ import yaml
 from ..errors import SpecError, UserError, did_you_mean
 
 Path_ = tuple  # a key path: ("loss", 0, "weight")
+_PLAIN_KEY = re.compile(r"^[\w+=-][\w.+=-]*$")  # shown as it is in a problem's key path; others JSON-quoted
 Where = tuple  # (file, line, col)
 
 
@@ -41,7 +44,7 @@ class Spec:
 
     def problem(self, path: Iterable, message: str) -> tuple:
         path = tuple(path)
-        return (*self.where(path), dotted(p for p in path if p != "<key>"), message)
+        return (*self.where(path), shown_path(path), message)
 
     def __getitem__(self, key):
         return self.data[key]
@@ -60,6 +63,11 @@ def dotted(path: Iterable) -> str:
     return ".".join(str(p) for p in path)
 
 
+def shown_path(path: Iterable) -> str:
+    """A key path as a problem shows it: dotted, keys that are not plain names JSON-quoted."""
+    return dotted(p if isinstance(p, int) or _PLAIN_KEY.match(p) else json.dumps(p) for p in path if p != "<key>")
+
+
 def schema() -> dict:
     return json.loads(resources.files(__package__).joinpath("schema.json").read_text())
 
@@ -72,55 +80,148 @@ def resolve_ref(sch: dict, root: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ YAML
-def _construct(node: yaml.Node, file: str, path: Path_, positions: dict) -> Any:
-    positions[path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
+MAX_BYTES = 1 << 20      # a spec is a few KiB; a bigger file is not a spec (or is /dev/zero)
+MAX_DEPTH = 64           # nesting of mappings and lists
+MAX_VALUES = 100_000     # values after expanding aliases (a "billion laughs" file expands to 10^9)
+
+
+def _at(file: str, mark, message: str, path: Path_ = ()) -> SpecError:
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    return SpecError([(file, line, col, shown_path(path), message)])
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, composing at most :data:`MAX_DEPTH` levels (its composer recurses)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _at(self.name, self.peek_event().start_mark, f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _Builder:
+    """Plain data from a composed YAML node graph, with the position of every key path.
+
+    Aliases are expanded (a spec is a tree), at most :data:`MAX_VALUES` values in all; an alias to one of
+    its own ancestors is an error rather than an endless tree.
+    """
+
+    def __init__(self, file: str):
+        self.file, self.count, self.open = file, 0, set()
+        self.scalars = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: Path_, positions: dict) -> Any:
+        mark = node.start_mark
+        positions[path] = (self.file, mark.line + 1, mark.column + 1)
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise _at(self.file, mark, f"the spec expands to more than {MAX_VALUES} values (aliases repeating "
+                                       f"aliases?); a spec is a few hundred", path)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return self.scalar(node, path)
+        if node.tag not in (yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG):
+            raise _at(self.file, mark, f"unsupported YAML: the tag {node.tag!r} (a spec holds plain mappings, "
+                                       f"lists and values)", path)
+        if id(node) in self.open:
+            raise _at(self.file, mark, "an alias refers to a mapping or list that contains it (a recursive "
+                                       "alias); a spec is a tree", path)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(v, path + (i,), positions) for i, v in enumerate(node.value)]
+            return self.mapping(node, path, positions)
+        finally:
+            self.open.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: Path_, positions: dict) -> dict:
         out = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node)
+            key = self.scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                shown = f"{key!r} ({type(key).__name__})" if isinstance(key_node, yaml.ScalarNode) else "a mapping or list"
+                raise _at(self.file, key_node.start_mark, f"a key must be text, not {shown}; quote it", path)
             if key in out:
-                raise SpecError([(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                                  dotted(path + (key,)), "duplicate key")])
-            out[key] = _construct(value_node, file, path + (key,), positions)
+                raise _at(self.file, key_node.start_mark, "duplicate key", path + (key,))
+            out[key] = self.build(value_node, path + (key,), positions)
             # point a key's problems at the key itself, its value's at the value
-            positions.setdefault(path + (key, "<key>"), (file, key_node.start_mark.line + 1,
+            positions.setdefault(path + (key, "<key>"), (self.file, key_node.start_mark.line + 1,
                                                          key_node.start_mark.column + 1))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, file, path + (i,), positions) for i, v in enumerate(node.value)]
-    return _scalar(node)
+
+    def scalar(self, node: yaml.Node, path: Path_) -> Any:
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as e:
+            raise _at(self.file, e.problem_mark or node.start_mark, f"unsupported YAML: {e.problem}", path) from None
+        except Exception as e:  # noqa: BLE001 - PyYAML's safe constructors on a value that is not of its tag
+            # (`!!timestamp nope` raises AttributeError, `!!binary` binascii.Error, `!!int x` ValueError)
+            raise _at(self.file, node.start_mark, f"{node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]} "
+                                                  f"({type(e).__name__})", path) from None
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
-    loader = yaml.SafeLoader("")
+def read_text(file: str | Path) -> str:
+    """A spec file's text: at most :data:`MAX_BYTES`, UTF-8, no NUL bytes (errors name file, line, column)."""
+    file = str(file)
     try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
+        with open(file, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read spec {file}: {e.strerror or e}") from None
+    if len(raw) > MAX_BYTES:
+        raise SpecError([(file, 1, 1, "", f"larger than {MAX_BYTES // 1024} KiB: not a spec (a spec is a few KiB "
+                                          f"of YAML)")])
+    bad = raw.find(b"\0")
+    if bad < 0:
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            bad = e.start
+            what = f"byte 0x{raw[bad]:02x} is not UTF-8; save the file as UTF-8"
+    else:
+        what = "a NUL byte: a binary file, not YAML text"
+    line = raw.count(b"\n", 0, bad) + 1
+    col = bad - (raw.rfind(b"\n", 0, bad) + 1) + 1
+    raise SpecError([(file, line, col, "", what)])
 
 
 def load_yaml(file: str | Path, text: str | None = None) -> list[tuple[Any, dict]]:
-    """Parse the YAML documents of a file safely: ``[(data, {key path: (file, line, col)}), ...]``."""
+    """Parse the YAML documents of a file safely: ``[(data, {key path: (file, line, col)}), ...]``.
+
+    Only plain YAML types (``yaml.safe_load``'s); limits on size (:data:`MAX_BYTES`), nesting
+    (:data:`MAX_DEPTH`) and alias expansion (:data:`MAX_VALUES`) end hostile or mistaken files fast.
+    """
     file = str(file)
     if text is None:
-        try:
-            text = Path(file).read_text()
-        except OSError as e:
-            raise UserError(f"cannot read spec {file}: {e.strerror or e}") from None
-    try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise SpecError([(file, line, col, "", f"invalid YAML: {getattr(e, 'problem', None) or e}")]) from None
+        text = read_text(file)
+    elif len(text) > MAX_BYTES:
+        raise SpecError([(file, 1, 1, "", f"larger than {MAX_BYTES // 1024} KiB: not a spec")])
     docs = []
-    for node in nodes:
-        positions: dict = {}
-        try:
-            docs.append((_construct(node, file, (), positions) if node is not None else {}, positions))
-        except yaml.constructor.ConstructorError as e:
-            mark = e.problem_mark
-            raise SpecError([(file, mark.line + 1, mark.column + 1, "", f"unsupported YAML: {e.problem}")]) from None
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader checks every character here
+        loader.name = file
+        while loader.check_node():
+            node = loader.get_node()
+            positions: dict = {}
+            docs.append((_Builder(file).build(node, (), positions) if node is not None else {}, positions))
+    except yaml.MarkedYAMLError as e:
+        raise _at(file, e.problem_mark, f"invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:  # the reader: a character YAML does not allow
+        position = getattr(e, "position", 0)
+        line = text.count("\n", 0, position) + 1
+        what = f"the character {chr(e.character)!r} (#x{e.character:04x}), which YAML does not allow" \
+            if isinstance(e, yaml.reader.ReaderError) else str(e)
+        raise SpecError([(file, line, position - (text.rfind("\n", 0, position) + 1) + 1, "",
+                          f"invalid YAML: {what}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return docs or [({}, {})]
 
 
@@ -162,12 +263,16 @@ def parse_override(text: str) -> tuple[list, Any]:
     if "=" not in text:
         raise UserError(f"--set expects KEY.PATH=VALUE, got {text!r}")
     key, _, raw = text.partition("=")
+    if not key.strip() or any(not p for p in key.strip().split(".")):
+        raise UserError(f"--set {text}: {key!r} is not a key path like loss.1.weight")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {key}: the value {raw!r} is not valid YAML: {e}") from None
+        docs = load_yaml("--set", raw) if raw.strip() else [(None, {})]
+    except SpecError as e:
+        raise UserError(f"--set {key}: the value {raw!r} is not valid YAML: {e.problems[0][-1]}") from None
+    if len(docs) != 1:
+        raise UserError(f"--set {key}: the value {raw!r} holds {len(docs)} YAML documents, not one value")
     path = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    return path, value
+    return path, docs[0][0]
 
 
 def load_all(file: str | Path, overrides: Iterable[str] = (), text: str | None = None) -> list[Spec]:
@@ -233,15 +338,20 @@ def load(file: str | Path, overrides: Iterable[str] = (), text: str | None = Non
 
 def _resolve_extends(file: Path, data: Any, positions: dict, seen: tuple) -> Spec:
     if not isinstance(data, dict):
-        raise SpecError([(str(file), 1, 1, "", "a spec is a mapping of keys (name, data, student, ...)")])
+        raise SpecError([(*positions.get((), (str(file), 1, 1)), "",
+                          f"a spec is a mapping of keys (name, data, student, ...), not {type(data).__name__}")])
     base_name = data.pop("extends", None)
     if base_name is None:
         return Spec(data, str(file), positions)
+    where = positions[("extends",)]
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise SpecError([(*where, "extends", f"expected the file name of a base spec (text), got {base_name!r}")])
     base_file = (file.parent / base_name) if not Path(base_name).is_absolute() else Path(base_name)
-    if base_file.resolve() in seen:
-        raise SpecError([(*positions[("extends",)], "extends", f"circular extends through {base_file}")])
-    if not base_file.exists():
-        raise SpecError([(*positions[("extends",)], "extends", f"base spec {base_file} does not exist")])
+    if base_file.resolve() in seen + (file.resolve(),):
+        chain = [str(p) for p in seen + (file.resolve(), base_file.resolve())]
+        raise SpecError([(*where, "extends", f"circular extends: {' -> '.join(chain)}")])
+    if not base_file.is_file():
+        raise SpecError([(*where, "extends", f"base spec {base_file} does not exist (or is not a file)")])
     base_docs = load_yaml(base_file)
     if len(base_docs) != 1:
         raise SpecError([(*positions[("extends",)], "extends", f"base spec {base_file} must hold one spec")])
@@ -253,11 +363,23 @@ def _resolve_extends(file: Path, data: Any, positions: dict, seen: tuple) -> Spe
 
 # ------------------------------------------------------------------------------------- schema checking
 def schema_problems(spec: Spec) -> list[tuple]:
+    """Problems of ``spec`` against the JSON Schema, and numbers that are not finite (NaN, infinity)."""
     validator = jsonschema.Draft202012Validator(schema())
-    problems = []
+    problems = [spec.problem(path, f"{value!r} is not a finite number") for path, value in _non_finite(spec.data)]
     for error in sorted(validator.iter_errors(spec.data), key=lambda e: list(map(str, e.absolute_path))):
         problems.extend(_explain(spec, error))
     return problems
+
+
+def _non_finite(data: Any, path: Path_ = ()) -> Iterable[tuple[Path_, float]]:
+    if isinstance(data, float) and not math.isfinite(data):
+        yield path, data
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            yield from _non_finite(v, path + (k,))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _non_finite(v, path + (i,))
 
 
 def _explain(spec: Spec, error: jsonschema.ValidationError) -> list[tuple]:
@@ -265,7 +387,7 @@ def _explain(spec: Spec, error: jsonschema.ValidationError) -> list[tuple]:
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = list(error.schema.get("properties", {}))
         unknown = [k for k in error.instance if k not in known]
-        return [(*spec.where(path + (k, "<key>")), dotted(path + (k,)),
+        return [(*spec.where(path + (k, "<key>")), shown_path(path + (k,)),
                  f"unknown key {k!r}{did_you_mean(str(k), known)}; valid keys: {', '.join(known)}")
                 for k in unknown]
     if error.validator == "enum":
@@ -351,9 +473,12 @@ def teacher_spec(spec: Spec) -> Spec:
     ref = spec.data["teacher"]["from_spec"]
     path, doc = split_ref(ref, spec.file)
     inherited = [o for o in spec.overrides if o.split("=", 1)[0].split(".")[0] in ("data", "train")]
-    chosen = [d for d in load_all(path, inherited) if not doc or d.data["name"] == doc]
+    docs = load_all(path, inherited)
+    chosen = [d for d in docs if not doc or d.data["name"] == doc]
     if not chosen:
-        raise UserError(f"teacher.from_spec {ref!r}: no spec named {doc!r} in {path}")
+        names = [str(d.data.get("name")) for d in docs]
+        raise UserError(f"teacher.from_spec {ref!r}: no spec named {doc!r} in {path}{did_you_mean(doc, names)}; "
+                        f"its specs: {', '.join(names)}")
     teacher = chosen[0]
     follow = [f"data.{k}={flow_text(spec.data['data'].get(k))}" for k in TEACHER_DATA
               if spec.data["data"].get(k) != teacher.data["data"].get(k)]

@@ -1,15 +1,22 @@
 """Semantic checks that need no data: models exist and trace, taps exist, methods and parameters are valid.
 
 Models are built on the ``meta`` device and traced with fake tensors, so checking a spec with a big
-teacher is cheap and reads no weights.
+teacher is cheap and reads no weights. Checkpoint files are opened memory-mapped to compare their keys
+and shapes with the model; a ``from_spec`` teacher's spec is checked too (cycles are errors); each
+feature term runs once on ``meta`` tensors of its positions' traced shapes, so pairs a method cannot
+combine are reported before any work.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from ..errors import SpecError, UserError
 from ..graph import layers
-from . import Spec, load_all, split_ref
+from . import Spec, load_all, teacher_spec
+
+SOURCES = ("checkpoint", "weights", "from_spec")  # where a teacher's weights come from: exactly one
 
 
 def validate(file, overrides=(), text: str | None = None) -> tuple[list[tuple], int]:
@@ -27,7 +34,7 @@ def validate(file, overrides=(), text: str | None = None) -> tuple[list[tuple], 
             problems.extend(check(s))
         except UserError as e:
             problems.append((str(file), 1, 1, "", str(e)))
-    return problems, len(loaded)
+    return list(dict.fromkeys(problems)), len(loaded)  # a from_spec teacher in the same file: reported once
 
 
 def static_dataset_info(data: dict) -> tuple[int, tuple] | None:
@@ -38,8 +45,9 @@ def static_dataset_info(data: dict) -> tuple[int, tuple] | None:
     if name not in DATASETS:
         return None
     options = data.get("options") or {}
-    meta = {k: v(**options) if callable(v) else v for k, v in DATASETS.meta(name).items()}
-    return int(meta["num_classes"]), tuple(meta["input_shape"])
+    meta = DATASETS.meta(name)
+    classes, shape = (meta[k](**options) if callable(meta[k]) else meta[k] for k in ("num_classes", "input_shape"))
+    return int(classes), tuple(shape)
 
 
 def meta_model(cfg: dict, num_classes: int):
@@ -49,51 +57,127 @@ def meta_model(cfg: dict, num_classes: int):
         return build_model(cfg["model"], num_classes=num_classes, **(cfg.get("kwargs") or {}))
 
 
-def check(spec: Spec) -> list[tuple]:
+def check(spec: Spec, _chain: tuple = ()) -> list[tuple]:
     """Problems of ``spec`` beyond its schema, as ``(file, line, col, key path, message)``."""
-    from ..data import DATASETS
     from ..data.labels import check_labels, labels_kept
     from ..losses import build_terms
 
-    data, problems = spec.data, []
+    data = spec.data
+    problems, info = _data_problems(spec)
     labels = data["data"].get("labels")
     bad_labels = check_labels(labels)
     if bad_labels:
         problems.append(spec.problem(("data", "labels"), bad_labels))
-    if not DATASETS.exists(data["data"]["dataset"]):
-        try:
-            DATASETS.get(data["data"]["dataset"])
-        except UserError as e:
-            problems.append(spec.problem(("data", "dataset"), str(e)))
-    info = static_dataset_info(data["data"]) if not problems else None
     leaf = (data.get("trace") or {}).get("leaf_modules", [])
-    rows = {}
+    models, rows = {}, {}
     for role in ("teacher", "student"):
         cfg = data.get(role)
         if not cfg:
             continue
         try:
-            model = meta_model(cfg, info[0] if info else 10)
+            models[role] = meta_model(cfg, info[0] if info else 10)
+            if info is not None:
+                rows[role] = layers(models[role], info[1], leaf_modules=leaf)
         except UserError as e:
             problems.append(spec.problem((role, "model"), str(e)))
             continue
-        if info is not None:
-            try:
-                rows[role] = layers(model, info[1], leaf_modules=leaf)
-            except UserError as e:
-                problems.append(spec.problem((role, "model"), str(e)))
-    teacher = data.get("teacher")
-    if teacher:
-        if not any(teacher.get(k) for k in ("checkpoint", "weights", "from_spec")):
-            problems.append(spec.problem(("teacher",), "a teacher needs `checkpoint`, `weights` or `from_spec` "
-                                                      "(a randomly initialised teacher teaches nothing)"))
-        if teacher.get("from_spec"):
-            base = split_ref(teacher["from_spec"], spec.file)[0]
-            if not base.exists():
-                problems.append(spec.problem(("teacher", "from_spec"), f"teacher spec {base} does not exist"))
-    checkable = "student" in rows and ("teacher" in rows or not teacher)
+        problems += _source_problems(spec, role, models[role])
+    if data.get("teacher", {}).get("from_spec"):
+        problems += _from_spec_problems(spec, models.get("teacher"), _chain)
+    checkable = "student" in rows and ("teacher" in rows or not data.get("teacher"))
     _, term_problems = build_terms(data["loss"], teacher_rows=rows.get("teacher") if checkable else None,
                                    student_rows=rows.get("student") if checkable else None,
-                                   has_teacher=bool(teacher), has_labels=bool(bad_labels) or labels_kept(labels))
+                                   has_teacher=bool(data.get("teacher")),
+                                   has_labels=bool(bad_labels) or labels_kept(labels))
     problems.extend(spec.problem(path, msg) for path, msg in term_problems)
+    if checkable:
+        problems += _pair_problems(spec, {p[1] for p, _ in term_problems}, rows, models, info[0])
+    return problems
+
+
+def _data_problems(spec: Spec) -> tuple[list[tuple], tuple[int, tuple] | None]:
+    """The data block's problems (dataset name, options), and ``(num_classes, input_shape)`` when known."""
+    from ..data import option_problems
+
+    data = spec.data["data"]
+    try:
+        wrong = option_problems(data["dataset"], data.get("options") or {})
+    except UserError as e:
+        return [spec.problem(("data", "dataset"), str(e))], None
+    if wrong:
+        return [spec.problem(("data", "options", k), m) for k, m in wrong], None
+    try:
+        return [], static_dataset_info(data)
+    except (TypeError, ValueError, KeyError, IndexError, UserError) as e:  # a meta callable on these options
+        return [spec.problem(("data", "options"), f"dataset {data['dataset']!r}: {e}")], None
+
+
+def _source_problems(spec: Spec, role: str, model: torch.nn.Module) -> list[tuple]:
+    """One source of weights at most (a teacher: exactly one); a checkpoint file that fits the model."""
+    from ..checkpoint import mismatch
+
+    cfg = spec.data[role]
+    given = [k for k in SOURCES if cfg.get(k)]
+    if len(given) > 1:
+        return [spec.problem((role, given[1]), f"the {role} has two sources of weights, "
+                                               f"{' and '.join(f'{k}: {cfg[k]!r}' for k in given)}; keep one")]
+    if role == "teacher" and not given:
+        return [spec.problem((role,), "a teacher needs `checkpoint`, `weights` or `from_spec` "
+                                      "(a randomly initialised teacher teaches nothing)")]
+    if not cfg.get("checkpoint"):
+        return []
+    try:
+        problem = mismatch(model, cfg["checkpoint"])
+    except UserError as e:
+        problem = str(e)
+    return [spec.problem((role, "checkpoint"), problem)] if problem else []
+
+
+def _from_spec_problems(spec: Spec, teacher: torch.nn.Module | None, chain: tuple) -> list[tuple]:
+    """The ``from_spec`` teacher's spec exists, trains ``teacher.model``, names no cycle and checks."""
+    where = ("teacher", "from_spec")
+    me = (str(Path(spec.file).resolve()), spec.data["name"])
+    try:
+        tspec = teacher_spec(spec)
+    except SpecError as e:
+        return [spec.problem(where, f"the teacher spec has problems:")] + list(e.problems)
+    except UserError as e:
+        return [spec.problem(where, str(e))]
+    it = (str(Path(tspec.file).resolve()), tspec.data["name"])
+    if it in chain + (me,):
+        names = " -> ".join(f"{Path(f).name}#{n}" for f, n in chain + (me, it))
+        return [spec.problem(where, f"from_spec names a cycle of teachers ({names}); a teacher must be "
+                                    f"trained by another spec")]
+    if tspec.data["student"]["model"] != spec.data["teacher"]["model"]:
+        return [spec.problem(where, f"teacher.from_spec trains {tspec.data['student']['model']!r} but "
+                                    f"teacher.model is {spec.data['teacher']['model']!r}")]
+    problems = check(tspec, chain + (me,))
+    if not problems and teacher is not None:
+        from ..checkpoint import state_mismatch
+
+        info = static_dataset_info(tspec.data["data"])
+        trained = meta_model(tspec.data["student"], info[0] if info else 10).state_dict()
+        problem = state_mismatch(teacher, trained, f"the weights {it[1]} trains")
+        problems += [spec.problem(where, problem)] if problem else []
+    return problems
+
+
+def _pair_problems(spec: Spec, skip: set, rows: dict, models: dict, num_classes: int) -> list[tuple]:
+    """Each feature term (but those in ``skip``, with problems already), run once on ``meta`` tensors of its
+    positions' shapes: the pairs it cannot combine."""
+    from ..losses import build_terms, probe_pairs
+
+    problems = []
+    for i, cfg in enumerate(spec.data["loss"]):
+        if i in skip:
+            continue
+        terms, errors = build_terms([cfg], teacher_rows=rows.get("teacher") or [], student_rows=rows["student"],
+                                    has_teacher=True)
+        term = terms[0] if terms and not errors else None
+        if term is None or term.features is None or not term.pairs:
+            continue
+        explicit = cfg.get("positions") not in (None, "auto")
+        for j, message in probe_pairs(cfg, term, rows.get("teacher") or [], rows["student"], models, num_classes):
+            problems.append(spec.problem(("loss", i, "positions") + ((j,) if explicit and j is not None else ()),
+                                         message))
     return problems
