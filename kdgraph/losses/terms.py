@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..distributed import gather_tensors
 from ..errors import UserError
-from ..params import NonNegative, Positive, Probability
+from ..params import NonNegative, Positive, PositiveInt, Probability, Range
 from . import functional as KF
 from .connectors import ABF, Align, Paraphraser, Translator, describe
 
@@ -520,8 +520,9 @@ class CRD(Term):
     auto = "embedding"
     synced_buffers = ("student_bank", "teacher_bank", "targets", "by_class", "class_start", "class_count")
 
-    def __init__(self, weight=None, warmup_epochs=0.0, embed_dim: int = 128, negatives: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, negatives_from: str = "other_classes"):
+    def __init__(self, weight=None, warmup_epochs=0.0, embed_dim: PositiveInt = 128, negatives: PositiveInt = 16384,
+                 temperature: Positive = 0.07, momentum: Annotated[float, Range(ge=0, lt=1)] = 0.5,
+                 negatives_from: Literal["other_classes", "all"] = "other_classes"):
         super().__init__(weight, warmup_epochs)
         if negatives_from not in ("other_classes", "all"):
             raise ValueError(f"negatives_from must be 'other_classes' or 'all', not {negatives_from!r}")
@@ -663,7 +664,7 @@ class ReviewKD(Term):
     student_features = "out"    # the student's
     auto = "all+embedding"
 
-    def __init__(self, weight=None, warmup_epochs=20.0, max_mid_channels: int = 512):
+    def __init__(self, weight=None, warmup_epochs=20.0, max_mid_channels: PositiveInt = 512):
         super().__init__(weight, warmup_epochs)
         self.max_mid_channels = int(max_mid_channels)
 
