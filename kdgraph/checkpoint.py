@@ -14,9 +14,21 @@ from .files import atomic_write
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees half a file.
+
+    A failed write (a full disk) raises its ``OSError`` (torch reports it as a RuntimeError of its zip
+    writer); the temporary file is removed and the file at ``path`` left as it was.
+    """
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = e.__cause__ or e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def load(path: str | Path, map_location="cpu", mmap: bool = False) -> Any:

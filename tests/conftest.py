@@ -12,7 +12,7 @@ from kdgraph.app.cli import main
 
 # Tests that train: one torch thread each (two threads on a busy 2-core box slow small steps ~100x).
 _ONE_THREAD = {"test_engine", "test_cli", "test_methods", "test_crd_reviewkd", "test_term_api", "test_labels",
-               "test_export", "test_wiring", "test_safety_specs"}
+               "test_export", "test_wiring", "test_safety_specs", "test_safety_rundir"}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from kdgraph import spec as specs
-from kdgraph.cli import main
+from kdgraph.app.cli import main
 from kdgraph.errors import SpecError, UserError
 from kdgraph.models import build_model
 from kdgraph.registry import import_object, import_policy_scope
@@ -50,7 +50,7 @@ def hang_guard(seconds: float = HANG_GUARD_S):
         signal.signal(signal.SIGALRM, old)
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
+def run_cli(args, capsys) -> tuple[int, str, str]:
     with hang_guard():
         code = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -102,16 +102,16 @@ BASE = fuzz_specs.BASE
 # ----------------------------------------------------------------------------------------- spec files
 class TestSpecFiles:
     def test_dev_zero_and_big_files_end_at_once(self, workdir, capsys):
-        code, out, err = cli(["validate", "/dev/zero"], capsys)
+        code, out, err = run_cli(["validate", "/dev/zero"], capsys)
         assert code == 2 and "larger than" in err and "Traceback" not in out + err
         big = workdir / "big.yaml"
         big.write_bytes(BASE.encode() + b"description: " + b"x" * (2 << 20) + b"\n")
         assert "larger than" in messages(problems_of(big))
 
     def test_not_a_file(self, workdir, capsys):
-        code, _, err = cli(["validate", workdir], capsys)
+        code, _, err = run_cli(["validate", workdir], capsys)
         assert code == 2 and "Is a directory" in err
-        code, _, err = cli(["validate", workdir / "nope.yaml"], capsys)
+        code, _, err = run_cli(["validate", workdir / "nope.yaml"], capsys)
         assert code == 2 and "No such file" in err
 
     def test_binary_and_latin1_files_name_the_byte(self, workdir):
@@ -168,7 +168,7 @@ class TestSpecFiles:
     ])
     def test_set_values_are_read_as_safely_as_files(self, workdir, capsys, override, expect):
         spec = write(workdir, BASE)
-        code, out, err = cli(["validate", spec, "--set", override], capsys)
+        code, out, err = run_cli(["validate", spec, "--set", override], capsys)
         assert code == 2 and expect in err and "Traceback" not in out + err
 
     def test_non_finite_numbers_anywhere(self, workdir):
@@ -206,7 +206,7 @@ class TestExtends:
 class TestTeacherSources:
     def test_two_sources_name_both(self, workdir, capsys):
         spec = write(workdir, BASE)
-        code, _, err = cli(["validate", spec, "--set", "teacher.from_spec=spec.yaml"], capsys)
+        code, _, err = run_cli(["validate", spec, "--set", "teacher.from_spec=spec.yaml"], capsys)
         assert code == 2
         (p,) = [p for p in located(err) if "two sources" in p["msg"]]
         assert "checkpoint: 'teacher.pt'" in p["msg"] and "from_spec: 'spec.yaml'" in p["msg"]
@@ -216,8 +216,8 @@ class TestTeacherSources:
         teacher, student = fuzz_specs.MULTI.split("---\n")
         write(workdir, teacher, "t.yaml")
         spec = write(workdir, student.replace("#fz-teacher", "t.yaml"))
-        assert cli(["validate", spec], capsys)[0] == 0
-        code, _, err = cli(["validate", spec, "--set", "teacher.checkpoint=/nonexistent.pt"], capsys)
+        assert run_cli(["validate", spec], capsys)[0] == 0
+        code, _, err = run_cli(["validate", spec, "--set", "teacher.checkpoint=/nonexistent.pt"], capsys)
         assert code == 2 and "/nonexistent.pt" in err and "from_spec" in err
 
     @pytest.mark.parametrize("ckpt, expect", [("nope.pt", "does not exist"), ("empty.pt", "cannot read"),
@@ -413,6 +413,18 @@ class TestImportPolicy:
             (p,) = problems_of(workdir / "spec.yaml")
         assert p[3] == "student.model" and "switched off" in p[4] and not (workdir / "pwned").exists()
 
+    @pytest.mark.parametrize("command", ["validate", "run"])
+    def test_the_command_line_switch(self, workdir, evil, capsys, command):
+        write(workdir, "name: imp\ndata: {dataset: digits, workers: 0}\nstudent: {model: 'fz_evil:net'}\n"
+                       "train: {epochs: 1, max_steps_per_epoch: 1}\nlog: {tensorboard: false}\n")
+        extra = ["--runs-dir", "runs"] if command == "run" else []
+        code, out, err = run_cli([command, "spec.yaml", "--no-imports", *extra], capsys)
+        assert code == 2 and "switched off (--no-imports)" in err and "Traceback" not in out + err
+        assert not evil.exists() and not (workdir / "runs").exists()
+        code, _, err = run_cli(["validate", "spec.yaml", "--allow-imports", "fz_evil"], capsys)
+        assert code == 0, err
+        assert evil.exists()
+
     def test_allow_list_takes_module_prefixes(self, evil):
         with import_policy_scope(["fz_evil"]):
             assert callable(import_object("fz_evil:net"))
@@ -452,10 +464,9 @@ def run_case(folder: Path, cls: str, files: dict[str, bytes], template: Path) ->
         (folder / name).write_bytes(data)
     (folder / "recipe.yaml").write_text(fuzz_specs.RECIPE)
     err = io.StringIO()
-    policy = () if cls == "imports" else None
     with contextlib.chdir(folder), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
-            import_policy_scope(policy, "--no-imports"), hang_guard():
-        code = main(["validate", "spec.yaml"])
+            hang_guard():
+        code = main(["validate", "spec.yaml", *(["--no-imports"] if cls == "imports" else [])])
     if code == 2:
         located(err.getvalue())
         if cls == "imports":

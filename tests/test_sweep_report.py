@@ -219,7 +219,7 @@ def test_pivot_needs_distillation_runs():
 FAKE_ENGINE = r'''
 import json, os, sys
 from pathlib import Path
-args, sets, out, resume = sys.argv[2:], [], None, False
+args, sets, out, resume, force = sys.argv[2:], [], None, False, False
 spec = args.pop(0)
 while args:
     a = args.pop(0)
@@ -227,8 +227,9 @@ while args:
     elif a == "--out": out = Path(args.pop(0))
     elif a == "--runs-dir": args.pop(0)
     elif a == "--resume": resume = True
+    elif a == "--force": force = True
 with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
-    f.write(json.dumps({"cell": out.name, "resume": resume, "sets": sets,
+    f.write(json.dumps({"cell": out.name, "resume": resume, "force": force, "sets": sets,
                         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
 print("fake engine", out.name)
 if out.name == os.environ.get("FAKE_FAIL"):
@@ -288,7 +289,8 @@ def test_runner_skips_resumes_forces_and_records_failures(tmp_path, monkeypatch)
     sweep.run_sweep(spec_file, ["data.batch_size=32"], runs_dir=runs, force=True, echo=printed.append)
     forced = ran()
     assert len(forced) == 4 and not any(c["resume"] for c in forced.values())
-    assert (sweep_dir / "lr=0.1,seed=0" / "sweep.log").read_text().count("===") == 1  # fresh directory
+    assert all(c["force"] for c in forced.values())  # the run clears its (marked) directory itself
+    assert (sweep_dir / "lr=0.1,seed=0" / "sweep.log").read_text().count("===") == 2  # the launcher's log is kept
 
 
 def test_cells_get_one_gpu_each(tmp_path, monkeypatch):
@@ -340,17 +342,17 @@ def test_end_to_end_sweep_with_resume_and_a_failing_value(tmp_path, monkeypatch)
     pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
     monkeypatch.chdir(tmp_path)
     spec_file = write_sweep_spec(tmp_path, """\
-        train.optimizer.lr: [0.05, -1]
+        train.optimizer.lr: [0.05, 1.0e+30]
         train.seed: [0, 1]
-        """)
+        """)  # a learning rate that diverges: cells that fail while running (validate cannot know)
     printed = []
     sweep_dir = sweep.run_sweep(spec_file.name, jobs=2, echo=printed.append)
     assert sweep_dir == Path("runs/tiny_grid")
-    assert "| -1        | failed | failed |" in printed[-1]
+    assert "| 1e+30     | failed | failed |" in printed[-1], printed[-1]
     for seed in (0, 1):
         summary = json.loads((sweep_dir / f"lr=0.05,seed={seed}" / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["epochs_done"] == 1
-    assert "less than or equal to the minimum" in (sweep_dir / "lr=-1,seed=0" / "sweep.log").read_text()
+    assert "the loss became" in (sweep_dir / "lr=1e+30,seed=0" / "sweep.log").read_text()
 
     # an unfinished cell (no summary) is resumed; the finished one is left alone
     kept = sweep_dir / "lr=0.05,seed=0" / "summary.json"
@@ -363,7 +365,7 @@ def test_end_to_end_sweep_with_resume_and_a_failing_value(tmp_path, monkeypatch)
     assert log.count("===") == 2 and log.splitlines()[0].count("--resume") == 0 and "--resume" in log
     table = printed[-1]
     print(table)
-    assert table.splitlines()[0].startswith("| lr \\ seed") and "| -1        | failed | failed |" in table
+    assert table.splitlines()[0].startswith("| lr \\ seed") and "| 1e+30     | failed | failed |" in table
     row = next(line for line in table.splitlines() if line.startswith("| 0.05"))
     assert all(float(v) >= 0 for v in row.strip("| ").split(" | ")[1:])  # both cells have a number
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == PNG

@@ -33,6 +33,11 @@ args = sys.argv[1:]
 cfg = json.loads(Path(args[1]).read_text() or "{}")
 out = Path(args[args.index("--out") + 1])
 out.mkdir(parents=True, exist_ok=True)
+if "--force" in args:  # as kdgraph run --force: what the run wrote goes, the launcher's log and spec stay
+    import shutil
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in ("summary.json", "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
 (out / "fake.json").write_text(json.dumps({"argv": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                                            "omp": os.environ.get("OMP_NUM_THREADS")}))
 stop = []
@@ -582,7 +587,8 @@ def test_overwrite_and_resume_refuse_a_run_written_outside_the_ui(tmp_path, make
     for path in ("summary.json", "log.txt", "checkpoints/last.pt"):
         os.utime(run_dir / path, (old, old))
     manager.submit_run("cli", json.dumps({"epochs": 1}), overwrite=True)
-    assert not (run_dir / "checkpoints").exists()
+    wait_for(manager, lambda: state(manager, "cli") == "ended")
+    assert not (run_dir / "checkpoints").exists() and "--force" in manager.snapshot()["cli"]["cmd"]
 
 
 def test_queue_is_first_come_first_served_per_resource(tmp_path, make_manager):

@@ -1,4 +1,5 @@
 """User code outside kdgraph, named by import path in the tests (``tests.userpkg:Net``, ``tests.userpkg:MyTerm``)."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -148,3 +149,20 @@ class CheckedCRD(CRD):
             if not (sums == sums[0]).all():
                 raise RuntimeError("CRD memory banks differ between ranks")
         return loss
+
+
+class PoisonWeights(Term):
+    """A logit term (zero loss) whose own weight turns NaN in the second epoch, while the loss stays finite
+    (to test that non-finite weights are never saved)."""
+
+    needs_teacher = False
+
+    def __init__(self, weight=None, warmup_epochs=0.0):
+        super().__init__(weight, warmup_epochs)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, out):
+        if out.epoch >= 1:
+            with torch.no_grad():
+                self.scale.fill_(float("nan"))
+        return out.logits.sum() * 0.0

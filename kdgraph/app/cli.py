@@ -13,6 +13,30 @@ def _specs_arg(p: argparse.ArgumentParser, many: bool = True) -> None:
     p.add_argument("spec", nargs="+" if many else None, help="spec file(s) (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec key (value parsed as YAML); repeatable")
+    _imports_args(p)
+
+
+def _imports_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--no-imports", action="store_true",
+                       help="refuse every import path (package.module:Name) a spec names, before importing "
+                            "anything: for specs you did not write")
+    group.add_argument("--allow-imports", metavar="PKG[,PKG]", default=None,
+                       help="import paths only under these packages (never the standard library)")
+
+
+def _import_policy(args):
+    """``--no-imports`` / ``--allow-imports`` as the import policy while the command runs (the children it
+    starts get the same); without them, the policy as it is."""
+    import contextlib
+
+    from ..registry import import_policy_scope
+
+    if getattr(args, "no_imports", False):
+        return import_policy_scope((), "--no-imports")
+    if getattr(args, "allow_imports", None) is not None:
+        return import_policy_scope(args.allow_imports.split(","), f"--allow-imports {args.allow_imports}")
+    return contextlib.nullcontext()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--specs-dir", default="specs")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="required when --host is not a loopback address")
+    p.add_argument("--allow-imports", dest="ui_imports", metavar="PKG[,PKG]", default="",
+                   help="packages whose import paths specs may name (default: none; never the standard library)")
+    p.add_argument("--allowed-hosts", metavar="HOST[,HOST]", default="",
+                   help="more names the page may be reached by (the Host header; default: the --host address)")
     _bench_parser(sub)
     return ap
 
@@ -98,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/app/runtime.py)
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        with _import_policy(args):
+            return int(COMMANDS[args.command](args) or 0)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -172,14 +201,17 @@ def cmd_run(args) -> int:
 
 
 def _torchrun(args) -> int:
-    """Replace this process by ``torchrun --standalone --nproc_per_node N -m kdgraph run ...`` (same arguments)."""
+    """Replace this process by ``torchrun --standalone --nproc_per_node N`` running the installed kdgraph's
+    ``run`` with the same arguments."""
     import os
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, not {args.nproc}")
+    from .launch import engine_command, policy_options
+
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-            "-m", "kdgraph", "run", *args.spec, *[a for o in args.overrides for a in ("--set", o)],
-            "--runs-dir", args.runs_dir, *(["--out", args.out] if args.out else []),
+            "--no-python", *engine_command(), "run", *args.spec, *[a for o in args.overrides for a in ("--set", o)],
+            "--runs-dir", args.runs_dir, *(["--out", args.out] if args.out else []), *policy_options(),
             *(["--resume"] if args.resume else []), *(["--force"] if args.force else [])]
     sys.stdout.flush()
     sys.stderr.flush()
@@ -285,11 +317,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .grid import read_sweep
     from .sweep import run_sweep
 
-    run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=args.devices, runs_dir=args.runs_dir,
-              force=args.force)
-    return 0
+    sweep_dir = run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=args.devices, runs_dir=args.runs_dir,
+                          force=args.force)
+    failed = [name for name, cell in ((read_sweep(sweep_dir) or {}).get("cells") or {}).items()
+              if cell.get("exit") not in (None, 0)]
+    return 1 if failed else 0  # the cells that failed are listed above
 
 
 def cmd_report(args) -> int:
@@ -318,7 +353,9 @@ def cmd_ui(args) -> int:
         from ..ui.app import serve
     except ImportError as e:
         raise UserError(f"the UI needs gradio ({e}): pip install 'kdgraph[ui]'") from None
-    serve(host=args.host, port=args.port, runs_dir=args.runs_dir, specs_dir=args.specs_dir, auth=auth)
+    serve(host=args.host, port=args.port, runs_dir=args.runs_dir, specs_dir=args.specs_dir, auth=auth,
+          allow_imports=[p for p in args.ui_imports.split(",") if p.strip()],
+          allowed_hosts=[h for h in args.allowed_hosts.split(",") if h.strip()])
     return 0
 
 

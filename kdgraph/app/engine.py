@@ -41,6 +41,7 @@ from ..distiller import Distiller, TermProblems
 from ..distributed import all_reduce, any_rank, barrier, gather_objects, rank, world
 from ..errors import SpecError, UserError
 from ..models import build_model
+from ..spec.check import SOURCES
 from .rundir import RunDir, teacher_dir
 from .runtime import pick_device
 
@@ -135,8 +136,16 @@ class Logger:
         if not self.main:
             return
         self.echo(text)
-        self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
-        self.file.flush()
+        if self.file is None:
+            return
+        try:
+            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: the terminal still gets every line
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):
+                file.close()
+            self.echo(f"(the log file can no longer be written: {e.strerror or e})")
 
     def scalars(self, values: dict, step: int) -> None:
         if self.tb:
@@ -211,10 +220,11 @@ def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Log
     cfg = spec.data.get("teacher")
     if not cfg:
         return None
+    given = [k for k in SOURCES if cfg.get(k)]
+    if len(given) > 1:  # `kdgraph validate` says so at the spec's line; this is for the Python API
+        raise UserError(f"the teacher has two sources of weights, {' and '.join(given)}; keep one")
     model = build_model(cfg["model"], num_classes=num_classes, weights=cfg.get("weights"), **cfg["kwargs"])
-    source = cfg.get("checkpoint")
-    if cfg.get("from_spec") and not (source and Path(source).exists()):
-        source = _teacher_from_spec(spec, runs_dir, log, echo)
+    source = _teacher_from_spec(spec, runs_dir, log, echo) if cfg.get("from_spec") else cfg.get("checkpoint")
     if source:
         ckpt.load_weights(model, source)
         log.line(f"teacher: {cfg['model']} weights from {source}")
@@ -233,10 +243,13 @@ def _teacher_from_spec(spec: specs.Spec, runs_dir: Path, log: Logger, echo) -> P
         raise UserError(f"teacher.from_spec trains {tspec.data['student']['model']!r} but teacher.model is "
                         f"{model!r}")
     rd = teacher_dir(tspec, runs_dir)
-    # another run needing the same teacher waits for it instead of training it too
-    with rd.lock() if rank() == 0 else contextlib.nullcontext():
+    if rd.written_here():
+        raise UserError(f"teacher.from_spec names {tspec.data['name']}, a run this process is writing "
+                        f"({rd.path}): a cycle of teachers (`kdgraph validate` shows it)")
+    # another run needing the same teacher waits for its writer instead of training it too
+    with rd.writing(wait=True, adopt=True) if rank() == 0 else contextlib.nullcontext():
         barrier()  # every rank sees the same status, and trains the teacher together if needed
-        if rd.status() != "finished":
+        if rd.status() != "finished" or not rd.best.exists():
             log.line(f"teacher: training {tspec.data['name']} first (from_spec) into {rd.path}")
             run(tspec, rd.path, resume=True, echo=echo, runs_dir=runs_dir)  # continues a stopped teacher
         barrier()  # rank 0 has written the best checkpoint
@@ -261,22 +274,35 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
         runs_dir: str | Path = "runs", echo: Callable[[str], None] = print) -> dict:
     """Train ``spec`` into ``out`` (default ``runs_dir/NAME``) and return its summary.
 
+    The process holds the run directory's writer lock throughout (a second writer is refused with its
+    PID); kdgraph writes only into a new, empty or marked directory, and ``force`` clears only a marked one.
     Raises :class:`Stopped` after a SIGINT/SIGTERM (its checkpoint written) and a :class:`UserError` for a
-    non-finite loss; the summary says ``finished``, ``stopped`` or ``failed`` either way.
+    non-finite loss or weights; the summary says ``finished``, ``stopped`` or ``failed`` either way.
     """
+    if spec.data.get("sweep"):
+        raise UserError(f"{spec.file} holds a sweep: run it with `kdgraph sweep {spec.file}` "
+                        f"(or `--set sweep=null` to run its base configuration)")
+    if spec.data.get("seeds"):
+        raise UserError(f"{spec.data['name']} in {spec.file} has `seeds:`, one run per seed: run it with "
+                        f"`kdgraph run` (or `--set seeds=null` to run train.seed alone)")
     runs_dir = Path(runs_dir)
     rd = RunDir(Path(out) if out else runs_dir / spec.data["name"])
-    previous = rd.summary()
-    resume = _claim(spec, rd, previous, resume, force)
-    if resume is None:  # --resume of a finished run: nothing to do
-        return previous
+    with _claimed(rd, resume, force) as resume:
+        if resume is None:  # --resume of a finished run: nothing to do
+            return rd.summary()
+        return _run(spec, rd, out, resume, runs_dir, echo)
+
+
+def _run(spec: specs.Spec, rd: RunDir, out, resume: bool, runs_dir: Path, echo) -> dict:
     main = rank() == 0
+    previous = rd.summary() if resume else {}
     if main:
-        rd.create(_portable(spec))
+        with _disk(rd, "the run's spec"):
+            rd.create(_portable(spec))
     barrier()
     log = Logger(rd, spec.data["log"]["tensorboard"], echo, main)
     summary = _first_summary(spec, previous if resume else None)
-    if main:  # a run is visible (and protected from a second start) from its first second
+    if main:  # a run is visible from its first second
         rd.write_summary(summary)
     start = time.time()
     try:
@@ -298,30 +324,51 @@ def run(spec: specs.Spec, out: str | Path | None = None, *, resume: bool = False
     finally:
         summary["wall_seconds"] = round(previous.get("wall_seconds", 0) * resume + time.time() - start, 1)
         if main:
-            rd.write_summary(summary)
+            with contextlib.suppress(OSError):  # a full disk: the error above says so
+                rd.write_summary(summary)
         log.close()
 
 
-def _claim(spec: specs.Spec, rd: RunDir, previous: dict, resume: bool, force: bool) -> bool | None:
-    """Whether the run resumes (None: ``--resume`` of a finished run); refuses to overwrite a run without
-    ``--resume`` or ``--force``; ``--force`` starts over, deleting the directory."""
-    if spec.data.get("sweep"):
-        raise UserError(f"{spec.file} holds a sweep: run it with `kdgraph sweep {spec.file}` "
-                        f"(or `--set sweep=null` to run its base configuration)")
-    if spec.data.get("seeds"):
-        raise UserError(f"{spec.data['name']} in {spec.file} has `seeds:`, one run per seed: run it with "
-                        f"`kdgraph run` (or `--set seeds=null` to run train.seed alone)")
-    if previous and not resume and not force:
-        what = "a finished run" if previous.get("status") == "finished" else "an unfinished run"
-        raise UserError(f"{rd.path} already holds {what}; --resume continues it, --force starts over, "
-                        f"--out DIR writes elsewhere")
-    if resume and not rd.last.exists():
-        if previous.get("status") == "finished":
-            return None
-        resume = False  # nothing to resume yet: start
-    if force and not resume and rank() == 0 and rd.path.exists():
-        rd.remove()
-    return resume
+@contextlib.contextmanager
+def _claimed(rd: RunDir, resume: bool, force: bool):
+    """Rank 0 takes the run directory's writer lock for the block and decides (:func:`_claim`); every rank
+    gets the decision, or rank 0's refusal."""
+    with contextlib.ExitStack() as stack:
+        outcome, error = None, None
+        if rank() == 0:
+            try:
+                stack.enter_context(rd.writing(adopt=resume))
+                outcome = ("ok", _claim(rd, resume, force))
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                outcome, error = ("error", str(e)), e
+        outcome = gather_objects(outcome)[0]
+        if error is not None:
+            raise error
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        yield outcome[1]
+
+
+def _claim(rd: RunDir, resume: bool, force: bool) -> bool | None:
+    """Whether the run resumes (None: ``--resume`` of a finished run). A directory holding a run needs
+    ``--resume`` or ``--force`` (whether or not its summary can be read); ``--force`` clears it first."""
+    if rd.is_sweep():
+        raise UserError(f"{rd.path} is a sweep's directory (its cells are in it): give the run another name or "
+                        f"--out")
+    if force and not resume:
+        rd.clear()
+        return False
+    if not rd.has_run_files():
+        return False
+    if not resume:
+        status = rd.status()
+        what = {"finished": "a finished run", None: f"a run (its {RunDir.SUMMARY} is missing or unreadable)"}.get(
+            status, "an unfinished run")
+        raise UserError(f"{rd.path} already holds {what}; --resume continues it, --force starts over "
+                        f"(deleting its files), --out DIR writes elsewhere")
+    if not rd.last.exists():
+        return None if rd.status() == "finished" else False  # nothing to resume yet: start
+    return True
 
 
 def _first_summary(spec: specs.Spec, previous: dict | None) -> dict:
@@ -353,8 +400,7 @@ def train(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, signals: _Si
     if previous is not None:
         restore(t, previous)
     _announce(t)
-    if t.rank == 0:  # rows past the checkpoint (killed before it was written)
-        rd.keep_metrics(t.state["epoch"])
+    if t.rank == 0:  # step rows past the checkpoint (killed before it was written); metrics: restore settled them
         epoch, step = (t.state["epoch"], t.state["step"]) if t.state["epoch"] >= 0 else (0, 0)  # 0: pre-training
         rd.keep_steps(epoch * steps_per_epoch(t) + step)
     for epoch in range(t.state["epoch"], t.train["epochs"]):
@@ -450,7 +496,8 @@ def build(spec: specs.Spec, rd: RunDir, summary: dict, log: Logger, runs_dir: Pa
     init = _stage(distiller.init_param_groups(), train["optimizer"], init=True) if distiller.init_epochs else None
     if init is not None:
         summary["init_epochs"] = distiller.init_epochs
-    state = {"epoch": -distiller.init_epochs, "step": 0, "best": -1.0, "best_epoch": None, "sums": None}
+    state = {"epoch": -distiller.init_epochs, "step": 0, "best": -1.0, "best_epoch": None, "sums": None,
+             "rows": []}
     return Training(spec, rd, log, summary, device, rank(), world(), info, train_loader, test_loader, student,
                     teacher, distiller, main, init, scaler, state)
 
@@ -550,9 +597,10 @@ def _announce(t: Training) -> None:
 
 # ------------------------------------------------------------------------------------------- restore
 def restore(t: Training, previous: dict) -> None:
-    """Continue from the last checkpoint: weights, term state, optimiser, progress and this rank's RNG;
-    the summary keeps its best and final accuracies from ``previous``."""
-    saved = t.rd.load_checkpoint("last")  # load_state_dict copies to the parameters' device
+    """Continue from the last checkpoint: weights, term state, optimiser, progress and this rank's RNG; then
+    the best checkpoint, the metrics and the summary are brought in line with it (:meth:`RunDir.settle`: a
+    run killed between two writes loses nothing). A damaged or non-finite checkpoint is refused."""
+    saved = _resumable(t.rd)  # load_state_dict copies to the parameters' device
     t.student.load_state_dict(saved["model"])
     t.distiller.terms.load_state_dict(saved["terms"])  # connectors and term state (memory banks...)
     t.state = saved["state"]
@@ -572,10 +620,31 @@ def restore(t: Training, previous: dict) -> None:
         t.log.line(f"resuming with {t.world} process(es) from a checkpoint of {len(ranks)}: the data order is "
                    f"exact, the augmentation random streams are not")
     t.summary.update({k: previous.get(k) for k in ("best_top1", "best_epoch", "final_top1") if k in previous})
-    if t.state["best"] >= 0 and t.summary.get("best_top1") is None:
-        t.summary.update(best_top1=t.state["best"], best_epoch=t.state["best_epoch"])
-    t.summary["epochs_done"] = max(0, t.state["epoch"])
+    if "rows" not in t.state:  # a checkpoint of an older kdgraph: the rows are in the metrics file alone
+        t.state["rows"] = [r for r in t.rd.metrics() if r["epoch"] <= t.state["epoch"]] if t.rank == 0 else []
+    if t.rank == 0:
+        with _disk(t.rd, "the run's files", lambda: _last_good(t)):
+            for row in t.rd.settle(saved, t.summary):  # rows a kill had kept out of the metrics file
+                _scalars(t, row)
     t.log.line(f"resuming {t.rd.path} at {_epoch_name(t, t.state['epoch'])}, step {t.state['step']}")
+
+
+def _resumable(rd: RunDir) -> dict:
+    """The last checkpoint, checked: readable, a kdgraph checkpoint, finite weights."""
+    what = (f"The run cannot continue from it: start it over with --force (deletes the run's files) or put a "
+            f"good copy of {rd.last.name} back")
+    try:
+        saved = rd.load_checkpoint("last")
+    except UserError as e:
+        raise UserError(f"{e}. {what}") from None
+    missing = [k for k in ("model", "terms", "optimizer", "state") if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{rd.last} is not a kdgraph training checkpoint (no {', '.join(missing)}). {what}")
+    bad = _count_non_finite(saved["model"], saved["terms"], saved["optimizer"])
+    if bad:
+        raise UserError(f"{rd.last} holds {bad} non-finite values (NaN or infinity; an older kdgraph saved "
+                        f"such weights). {what}")
+    return saved
 
 
 def rank_share(ranks: list[dict], state: dict, rank: int, world: int, seed: int) -> tuple[dict | int, dict | None]:
@@ -675,8 +744,7 @@ def train_epoch(t: Training, stage: Stage, epoch: int, signals: _Signals) -> dic
                 log_steps(t, window, epoch * steps + i, epoch + i / steps, s.lr)
             window = _zero_sums(_names(t, epoch))
         if s.stop:
-            t.state.update(epoch=epoch, step=i, sums=sums, window=window)
-            save_checkpoint(t, "last")
+            save_checkpoint(t, {**t.state, "epoch": epoch, "step": i, "sums": sums, "window": window})
             bar.close()
             raise Stopped()
     bar.close()
@@ -733,11 +801,49 @@ def _add(sums: dict, s: Step, y: torch.Tensor) -> None:
 
 def _non_finite(t: Training, s: Step, epoch: int, i: int) -> NonFinite:
     what = f"became {s.loss.item()}" if not torch.isfinite(s.loss) else "became non-finite on another process"
-    last = t.rd.last
     return NonFinite(f"the loss {what} at {_epoch_name(t, epoch)}, step {i + 1} "
-                     f"({', '.join(f'{n}={v.item():.4g}' for n, v in s.parts.items())}); "
-                     + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet")
-                     + ". Lower train.optimizer.lr or a term's weight")
+                     f"({', '.join(f'{n}={v.item():.4g}' for n, v in s.parts.items())}); {_last_good(t)}. "
+                     f"Lower train.optimizer.lr or a term's weight")
+
+
+def _last_good(t: Training) -> str:
+    """Which checkpoint is the last good one, as its file says (every checkpoint kdgraph writes is finite:
+    :func:`checkpoint_object`)."""
+    if not t.rd.last.exists():
+        return "no checkpoint was written yet"
+    try:
+        state = ckpt.load(t.rd.last, mmap=True)["state"]
+        where = f"epoch {state['epoch']}" + (f", step {state['step']}" if state["step"] else "")
+    except (UserError, KeyError, TypeError):
+        where = "unreadable"
+    return f"the last good checkpoint is {t.rd.last} ({where}; its weights are finite)"
+
+
+def _count_non_finite(*states) -> int:
+    """How many values of these (nested) state dicts are NaN or infinite."""
+    count = 0
+    for state in states:
+        if isinstance(state, torch.Tensor):
+            if state.is_floating_point() or state.is_complex():
+                count += int((~torch.isfinite(state)).sum())
+        elif isinstance(state, dict):
+            count += _count_non_finite(*state.values())
+        elif isinstance(state, (list, tuple)):
+            count += _count_non_finite(*state)
+        elif isinstance(state, float) and not math.isfinite(state):
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _disk(rd: RunDir, what: str, kept: Callable[[], str] = lambda: "no checkpoint was written yet"):
+    """A failed write (a full disk, a file-size limit, a read-only folder) as a message naming it and what
+    is kept (every write is atomic: the file before it is intact)."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"could not write {what} in {rd.path}: {e.strerror or e}; nothing was lost: {kept()}. "
+                        f"Free some space, then --resume") from None
 
 
 def train_metrics(t: Training, epoch: int, sums: dict) -> dict:
@@ -771,19 +877,23 @@ def init_metrics(t: Training, epoch: int, sums: dict) -> dict:
 
 
 def end_init_epoch(t: Training, epoch: int, row: dict) -> None:
-    """Close pre-training ``epoch``: the last checkpoint (the next distillation epoch, from 0, starts with a
-    fresh optimiser), its row into the metrics, TensorBoard (``init/...``) and the summary, a log line."""
-    t.state.update(epoch=epoch + 1, step=0, sums=None, window=None)
-    save_checkpoint(t, "last")
-    if t.rank == 0:
-        t.rd.append_metrics(row)
-        t.log.scalars({f"init/{k}": v for k, v in row.items() if k not in ("stage", "epoch", "init_epoch")},
-                      row["init_epoch"])
-        t.summary["init_epochs_done"] = row["init_epoch"]
-        t.rd.write_summary(t.summary)
+    """Close pre-training ``epoch`` as :func:`end_epoch` closes one of distillation (its row into the last
+    checkpoint, then the metrics, summary and TensorBoard ``init/...``); the next distillation epoch, from
+    0, starts with a fresh optimiser."""
+    _commit(t, {**t.state, "epoch": epoch + 1, "step": 0, "sums": None, "window": None,
+                "rows": [*t.state.get("rows", []), row]}, row, improved=False)
     terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("loss/"))
     t.log.line(f"{_epoch_name(t, epoch, of=True)} (pre-training) loss {row['loss']:.4f} ({terms}) "
                f"{row['seconds']:.1f}s")
+
+
+def _scalars(t: Training, row: dict) -> None:
+    """A metrics row to TensorBoard: ``init/...`` at its pre-training epoch, else at its epoch."""
+    if row.get("stage") == "init":
+        t.log.scalars({f"init/{k}": v for k, v in row.items() if k not in ("stage", "epoch", "init_epoch")},
+                      row["init_epoch"])
+    else:
+        t.log.scalars({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
 
 def evaluate_student(t: Training) -> dict:
@@ -795,35 +905,61 @@ def evaluate_student(t: Training) -> dict:
 
 
 def end_epoch(t: Training, epoch: int, row: dict) -> None:
-    """Close ``epoch``: its progress and best into the checkpoints, its row into the metrics, TensorBoard
-    and the summary, and a log line."""
+    """Close ``epoch``: its row and progress into the last checkpoint (the commit point), then the best
+    checkpoint, the metrics, the summary (:func:`_commit`), TensorBoard and a log line."""
     improved = row["test_top1"] > t.state["best"]
+    state = {**t.state, "epoch": epoch + 1, "step": 0, "sums": None, "window": None,
+             "rows": [*t.state.get("rows", []), row]}
     if improved:
-        t.state.update(best=row["test_top1"], best_epoch=epoch + 1)
-    t.state.update(epoch=epoch + 1, step=0, sums=None, window=None)
-    save_checkpoint(t, "last")
-    if improved:
-        save_checkpoint(t, "best")
-    if t.rank == 0:
-        t.rd.append_metrics(row)
-        t.log.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
-        t.summary.update(epochs_done=epoch + 1, best_top1=t.state["best"], best_epoch=t.state["best_epoch"],
-                         final_top1=row["test_top1"])
-        t.rd.write_summary(t.summary)
+        state.update(best=row["test_top1"], best_epoch=epoch + 1)
+    _commit(t, state, row, improved)
     train = f"{row['train_top1']:.2f}%" if "train_top1" in row else "-"
     t.log.line(f"epoch {epoch + 1}/{t.train['epochs']} loss {row['loss']:.4f} train {train} "
-               f"test {row['test_top1']:.2f}% (best {t.state['best']:.2f}%) {row['seconds']:.1f}s")
+               f"test {row['test_top1']:.2f}% (best {state['best']:.2f}%) {row['seconds']:.1f}s")
 
 
-def save_checkpoint(t: Training, which: str) -> None:
-    """Write checkpoint ``which`` (``last``, with the optimiser; ``best``, without) from rank 0. Every rank
-    must call it: the ranks' RNG states and partial sums are gathered into it."""
-    ranks = gather_objects({"rng": ckpt.rng_state(), "sums": t.state["sums"]})  # what differs between ranks
+def _commit(t: Training, state: dict, row: dict, improved: bool) -> None:
+    """An epoch's end, on every rank: refuse a row or weights that are not finite, then (rank 0) write
+    the checkpoint of ``state`` first and what follows from it (:meth:`RunDir.commit`); ``t.state`` becomes
+    ``state``."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFinite(f"{_epoch_name(t, state['epoch'] - 1)} ended with non-finite {', '.join(bad)} "
+                        f"({row[bad[0]]}); not saved: {_last_good(t)}. Lower train.optimizer.lr or a term's weight")
+    obj = checkpoint_object(t, state)  # every rank: the RNG states are gathered
+    if t.rank == 0:
+        if row.get("stage") == "init":
+            t.summary["init_epochs_done"] = row["init_epoch"]
+        with _disk(t.rd, "the epoch's checkpoint, metrics and summary", lambda: _last_good(t)):
+            for fresh in t.rd.commit(obj, t.summary, improved):
+                _scalars(t, fresh)
+    t.state = state
+
+
+def checkpoint_object(t: Training, state: dict) -> dict | None:
+    """The last checkpoint for ``state`` (rank 0; None on the others), with the optimiser. Every rank must
+    call it: the ranks' RNG states and partial sums are gathered into it. Weights or optimiser state that
+    are not finite are never saved: :class:`NonFinite` names the last checkpoint, which is."""
+    ranks = gather_objects({"rng": ckpt.rng_state(), "sums": state["sums"]})  # what differs between ranks
+    stage = t.init if state["epoch"] < 0 else t.main  # the optimiser of the stage the run continues in
+    model, terms, optimizer = t.student.state_dict(), t.distiller.terms.state_dict(), stage.optimizer.state_dict()
+    bad = _count_non_finite(model, terms, optimizer)
+    if any_rank([bad > 0], t.device)[0]:
+        raise NonFinite(f"the weights became non-finite ({bad} values) by epoch {state['epoch']}, step "
+                        f"{state['step']}; not saved: {_last_good(t)}. Lower train.optimizer.lr or a term's "
+                        f"weight, or set train.grad_clip")
     if t.rank != 0:
-        return
-    obj = {"model": t.student.state_dict(), "terms": t.distiller.terms.state_dict(), "state": t.state,
-           "rng": ranks[0]["rng"], "ranks": ranks, "spec": t.spec.data, "format": "kdgraph-1"}
-    if which == "last":  # the optimiser of the stage the run continues in
-        obj["optimizer"] = (t.init if t.state["epoch"] < 0 else t.main).optimizer.state_dict()
-        obj["scaler"] = t.scaler.state_dict() if t.scaler.is_enabled() else None
-    t.rd.save_checkpoint(which, obj)
+        return None
+    return {"model": model, "terms": terms, "state": state, "rng": ranks[0]["rng"], "ranks": ranks,
+            "spec": t.spec.data, "format": "kdgraph-1", "optimizer": optimizer,
+            "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None}
+
+
+def save_checkpoint(t: Training, state: dict) -> None:
+    """Write the last checkpoint of ``state`` (a stop in the middle of an epoch) and make it ``t.state``;
+    every rank calls it."""
+    obj = checkpoint_object(t, state)
+    if t.rank == 0:
+        with _disk(t.rd, "the checkpoint", lambda: _last_good(t)):
+            t.rd.save_checkpoint("last", obj)
+    t.state = state

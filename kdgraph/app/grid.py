@@ -14,7 +14,7 @@ from ..errors import UserError
 from .format import markdown_table, write_csv
 from .rundir import STOPPED, RunDir, read_json, write_json
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = RunDir.SWEEP
 
 
 def read_sweep(sweep_dir: str | Path) -> dict | None:

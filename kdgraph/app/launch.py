@@ -18,9 +18,27 @@ from typing import Mapping, Sequence
 HEADER = "=== "  # starts the line written before each attempt
 
 
+# ``python -m kdgraph`` puts the current directory first on sys.path, so a ``kdgraph`` folder there (a
+# checkout, say) would be imported instead of the installed package; this entry takes it off first.
+ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+         "from kdgraph.app.cli import main; sys.exit(main())")
+
+
 def engine_command() -> list[str]:
-    """The command prefix that runs kdgraph in a new process (``python -m kdgraph``)."""
-    return [sys.executable, "-m", "kdgraph"]
+    """The command prefix that runs the installed kdgraph (the one this process imported, whatever the
+    current directory holds) in a new process: ``python -c ENTRY``."""
+    return [sys.executable, "-c", ENTRY]
+
+
+def policy_options() -> list[str]:
+    """This process's import policy (:func:`kdgraph.registry.set_import_policy`) as the options that give
+    a child ``kdgraph run`` or ``sweep`` the same: none, ``--no-imports`` or ``--allow-imports PKG,...``."""
+    from ..registry import import_policy
+
+    allowed, _ = import_policy()
+    if allowed is None:
+        return []
+    return ["--allow-imports", ",".join(allowed)] if allowed else ["--no-imports"]
 
 
 def where(env: Mapping[str, str]) -> str:

@@ -171,7 +171,12 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
                         f"give run directories (with a {RunDir.SUMMARY}), sweep directories or globs such as runs/*")
     parent = _common_parent(run_dirs)
     out = Path(out_dir) if out_dir is not None else parent
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder (report.md, report.csv and curves.png go there)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
     base = out.resolve()
 
     records = [run_record(d, os.path.relpath(d.resolve(), parent)) for d in run_dirs]

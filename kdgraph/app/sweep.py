@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .. import spec as specs
-from ..errors import SpecError, UserError, did_you_mean
-from ..spec import Spec, dotted, flow_text, load, resolve_ref, schema
+from ..errors import SpecError, UserError
+from ..spec import Spec, dotted, flow_text, load
+from ..spec.paths import parse_path, path_problem, spec_paths
 from .grid import read_sweep, write_grid, write_sweep
-from .launch import engine_command, failure_reason, start
+from .launch import engine_command, failure_reason, policy_options, start
 from .rundir import STOPPED, RunDir, teacher_dir
 
-LOG_FILE = "sweep.log"  # in each cell's directory: the launcher's log of its attempts
-_MISSING = object()
+LOG_FILE = RunDir.SWEEP_LOG  # in each cell's directory: the launcher's log of its attempts
 
 
 # ------------------------------------------------------------------------------------------- the grid
@@ -73,14 +73,6 @@ class Cell:
     @property
     def overrides(self) -> list[str]:
         return [f"{path}={flow_text(value)}" for path, value in self.values.items()]
-
-
-def parse_path(text: str) -> tuple:
-    """``"loss.1.weight"`` -> ``("loss", 1, "weight")``, the convention of ``--set``."""
-    parts = text.strip().split(".")
-    if not text.strip() or any(not p for p in parts):
-        raise UserError(f"sweep: {text!r} is not a key path like loss.1.weight")
-    return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
 def format_value(value: Any) -> str:
@@ -180,62 +172,11 @@ def grid_cells(axes: Sequence[Axis]) -> list[Cell]:
 
 
 # ----------------------------------------------------------------------------------- key path checks
-def _method_params(term: Any) -> list[str]:
-    """The parameters of a loss term's method (besides the schema's method, weight, positions...)."""
-    from ..losses import LOSSES, term_params
-
-    try:
-        return list(term_params(LOSSES.get(term["method"])))
-    except (UserError, KeyError, TypeError):
-        return []
-
-
-def spec_paths(data: dict) -> tuple[list[str], set[str]]:
-    """``(paths, open)``: every key path a ``--set`` may change in ``data`` (its own keys, the schema's,
-    loss parameters), and those that are free-form mappings (``data.options``, ``student.kwargs``...)
-    where any key goes."""
-    root = schema()
-    out: list[str] = []
-    free: set[str] = set()
-
-    def walk(node: Any, sch: dict, prefix: tuple) -> None:
-        sch = resolve_ref(sch, root)
-        if isinstance(node, list):
-            children = [(i, item, sch.get("items", {})) for i, item in enumerate(node)]
-        elif isinstance(node, dict) or (node is _MISSING and "properties" in sch):
-            props = sch.get("properties", {})
-            if sch.get("type") == "object" and not props:
-                free.add(dotted(prefix))
-            keys = list(node) if isinstance(node, dict) else []
-            if prefix[:1] == ("loss",) and len(prefix) == 2:
-                keys += _method_params(node)
-            keys += list(props)
-            children = [(k, node.get(k, _MISSING) if isinstance(node, dict) else _MISSING, props.get(k, {}))
-                        for k in dict.fromkeys(keys)]
-        else:
-            if node is _MISSING and sch.get("type") == "object":
-                free.add(dotted(prefix))
-            return
-        for key, child, child_sch in children:
-            path = prefix + (key,)
-            if path[0] not in ("sweep", "extends"):
-                out.append(dotted(path))
-                walk(child, child_sch, path)
-
-    walk(data, root, ())
-    return out, free
-
-
 def check_paths(spec: Spec, axes: Iterable[Axis]) -> None:
     """Raise a :class:`SpecError` naming each swept path the spec does not have, with suggestions."""
     known, free = spec_paths(spec.data)
-    problems = []
-    for axis in axes:
-        for path in axis.paths:
-            if dotted(path) not in known and not any(dotted(path[:i]) in free for i in range(1, len(path))):
-                hint = did_you_mean(dotted(path), known) or " (lists are indexed from 0, e.g. loss.1.weight)"
-                problems.append((*spec.where(("sweep", axis.key, "<key>")), f"sweep.{axis.key}",
-                                 f"no key path {dotted(path)!r} in the spec{hint}"))
+    problems = [spec.problem(("sweep", axis.key, "<key>"), message) for axis in axes for path in axis.paths
+                if (message := path_problem(path, known, free))]
     if problems:
         raise SpecError(problems)
 
@@ -258,9 +199,11 @@ def sweep_record(name: str, spec_file: str | Path, overrides: Sequence[str], axe
 
 # --------------------------------------------------------------------------------------- running
 def cell_command(spec_file: str | Path, overrides: Sequence[str], cell: Cell, cell_dir: Path, *,
-                 resume: bool = False, runs_dir: str | Path | None = None) -> list[str]:
-    """The ``kdgraph run`` command line of one cell (``--resume`` continues an unfinished cell)."""
-    cmd = [*engine_command(), "run", str(spec_file)]
+                 resume: bool = False, force: bool = False, runs_dir: str | Path | None = None,
+                 imports: Sequence[str] = ()) -> list[str]:
+    """The ``kdgraph run`` command line of one cell (``--resume`` continues an unfinished cell, ``--force``
+    starts it over); ``imports``: the sweep's own import policy options, passed on."""
+    cmd = [*engine_command(), "run", str(spec_file), *imports]
     for override in [*overrides, *cell.overrides, "sweep=null"]:
         cmd += ["--set", override]
     cmd += ["--out", str(cell_dir)]
@@ -268,6 +211,8 @@ def cell_command(spec_file: str | Path, overrides: Sequence[str], cell: Cell, ce
         cmd += ["--runs-dir", str(runs_dir)]
     if resume:
         cmd.append("--resume")
+    elif force:
+        cmd.append("--force")
     return cmd
 
 
@@ -312,17 +257,14 @@ class _Runner:
         self.lock = threading.Lock()
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def run(self, cell: Cell, cmd: list[str], cell_dir: Path, on_start: Callable,
-            fresh: bool = False) -> tuple[int | None, float]:
-        """Run one cell (``fresh``: delete its directory first); ``(exit code, seconds)``, exit code None
-        when the sweep stopped before the cell started."""
+    def run(self, cell: Cell, cmd: list[str], cell_dir: Path, on_start: Callable) -> tuple[int | None, float]:
+        """Run one cell; ``(exit code, seconds)``, exit code None when the sweep stopped before the cell
+        started. Its directory is made kdgraph's (marked) before the launcher's log goes in."""
         slot = self.slots.get()
         try:
             if self.stop.is_set():
                 return None, 0.0
-            if fresh and cell_dir.exists():
-                RunDir(cell_dir).remove()
-            cell_dir.mkdir(parents=True, exist_ok=True)
+            RunDir(cell_dir).ensure(adopt=True)
             started = time.time()
             with self.lock:
                 if self.stop.is_set():
@@ -382,7 +324,12 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
     slots = _slots(str(spec.data.get("train", {}).get("device", "auto")), jobs, devices)
 
     sweep_dir = Path(runs_dir) / spec["name"]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with RunDir(sweep_dir).writing(adopt=True):  # one sweep process at a time writes its directory
+        return _sweep(spec, spec_file, overrides, axes, cells, slots, sweep_dir, force, runs_dir, echo)
+
+
+def _sweep(spec: Spec, spec_file, overrides, axes, cells, slots, sweep_dir: Path, force: bool, runs_dir,
+           echo: Callable) -> Path:
     record = sweep_record(spec["name"], spec_file, overrides, axes, cells, read_sweep(sweep_dir))
     write_sweep(sweep_dir, record)
 
@@ -403,7 +350,7 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
 def _teacher_pending(spec: Spec, runs_dir: str | Path) -> bool:
     """Whether the first cell will train a ``from_spec`` teacher that the other cells then share."""
     teacher = spec.data.get("teacher") or {}
-    if not teacher.get("from_spec") or (teacher.get("checkpoint") and Path(teacher["checkpoint"]).exists()):
+    if not teacher.get("from_spec"):
         return False
     try:
         rd = teacher_dir(specs.teacher_spec(spec), runs_dir)
@@ -460,8 +407,9 @@ def _run_cells(spec: Spec, spec_file, overrides, todo: list[Cell], sweep_dir: Pa
     def submit(pool, cell: Cell):
         cell_dir = sweep_dir / cell.name
         resume = not force and RunDir(cell_dir).started()  # the engine refuses to restart without it
-        cmd = cell_command(spec_file, overrides, cell, cell_dir, resume=resume, runs_dir=runs_dir)
-        return pool.submit(runner.run, cell, cmd, cell_dir, progress.started, fresh=force)
+        cmd = cell_command(spec_file, overrides, cell, cell_dir, resume=resume, force=force, runs_dir=runs_dir,
+                           imports=policy_options())
+        return pool.submit(runner.run, cell, cmd, cell_dir, progress.started)
 
     # with several slots, a teacher still to be trained (from_spec) is trained once, by the first cell alone
     batches = [todo]

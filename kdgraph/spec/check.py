@@ -92,6 +92,10 @@ def check(spec: Spec, _chain: tuple = ()) -> list[tuple]:
     problems.extend(spec.problem(path, msg) for path, msg in term_problems)
     if checkable:
         problems += _pair_problems(spec, {p[1] for p, _ in term_problems}, rows, models, info[0])
+    if data.get("sweep"):
+        from .paths import sweep_problems
+
+        problems += sweep_problems(spec)
     return problems
 
 

@@ -16,14 +16,17 @@ GPUs, overwrite, then the form), ``/runs``, ``/run_status``, ``/stop_run``, ``/r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import gradio as gr
 
 from kdgraph.app.rundir import RunDir
+from kdgraph.registry import set_import_policy
 from kdgraph.spec import schema
 
 from . import forms
@@ -466,18 +469,48 @@ def _warm_up() -> None:
 
 
 def launch(demo: gr.Blocks, runs_dir: str | Path, *, host: str = "127.0.0.1", port: int = 7860,
-           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False):
-    """Serve the page (the runs folder's files, e.g. heatmaps and exported students, may be downloaded)."""
+           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False,
+           allowed_hosts: Sequence[str] = ()):
+    """Serve the page (the runs folder's files, e.g. heatmaps and exported students, may be
+    downloaded). Requests whose ``Host``
+    header names neither the address served nor one of ``allowed_hosts`` are refused (HTTP 400): a page
+    of another site that a DNS name rebound to this machine cannot drive the UI."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    hosts = host_names(host, allowed_hosts)
     return demo.queue().launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
-                               allowed_paths=[str(Path(runs_dir).resolve())], show_error=True)
+                               allowed_paths=[str(Path(runs_dir).resolve())], show_error=True,
+                               app_kwargs={"middleware": [Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]})
+
+
+def host_names(host: str, allowed_hosts: Sequence[str] = ()) -> list[str]:
+    """The names a request's ``Host`` may give: the address served (and, for a loopback one, ``localhost``
+    and ``127.0.0.1``; for all interfaces, this machine's names and addresses) and ``allowed_hosts``
+    (``*`` allows any)."""
+    import socket
+
+    names = {host, "localhost", "127.0.0.1"} | {h.strip() for h in allowed_hosts if h.strip()}
+    if host in ("0.0.0.0", "::", ""):
+        with contextlib.suppress(OSError):
+            name, aliases, addresses = socket.gethostbyname_ex(socket.gethostname())
+            names |= {socket.gethostname(), socket.getfqdn(), name, *aliases, *addresses}
+    return sorted(n for n in names if n)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, runs_dir: str | Path = "runs", specs_dir: str | Path = "specs",
-          auth: tuple[str, str] | None = None) -> None:
-    """Serve the UI until interrupted (runs started from it keep running; a new UI re-attaches to them)."""
+          auth: tuple[str, str] | None = None, allow_imports: Sequence[str] = (),
+          allowed_hosts: Sequence[str] = ()) -> None:
+    """Serve the UI until interrupted (runs started from it keep running; a new UI re-attaches to them).
+
+    The UI imports no module a spec names (``package.module:Name``) unless it is under one of
+    ``allow_imports`` (never the standard library); the runs it starts get the same policy.
+    """
+    set_import_policy(allow_imports, "kdgraph ui" + (f" --allow-imports {','.join(allow_imports)}"
+                                                      if allow_imports else ": without --allow-imports"))
     demo, manager = create(runs_dir, specs_dir)
     print(f"kdgraph ui: specs in {Path(specs_dir).resolve()}, runs in {Path(runs_dir).resolve()}")
     try:
-        launch(demo, runs_dir, host=host, port=port, auth=auth)
+        launch(demo, runs_dir, host=host, port=port, auth=auth, allowed_hosts=allowed_hosts)
     finally:
         manager.close()

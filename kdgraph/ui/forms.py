@@ -23,7 +23,9 @@ from typing import Any
 import yaml
 
 from kdgraph import spec as specs
-from kdgraph.errors import UserError, format_problem
+from kdgraph.errors import SpecError, UserError, format_problem
+
+from .jobs import inside
 
 MAX_TERMS = 4
 NO_TEACHER = "(none)"
@@ -172,9 +174,13 @@ def _rows(value: Any) -> list[list]:
 
 def _parse_yaml(text: str, what: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{what}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        docs = specs.load_yaml(what, text)  # the spec loader's limits on size, nesting and aliases
+    except UserError as e:
+        problem = e.problems[0][-1] if isinstance(e, SpecError) else str(e)
+        raise ValueError(f"{what}: {problem}") from None
+    if len(docs) != 1:
+        raise ValueError(f"{what}: one YAML value, not {len(docs)} documents")
+    return docs[0][0]
 
 
 # ------------------------------------------------------------------------------------ spec -> form
@@ -408,16 +414,47 @@ def preview_line(problem: tuple, file: str | Path) -> str:
     (the form is not saved, so its file name would mislead), ``FILE:L:C: ...`` for another file (a
     ``from_spec`` teacher's spec)."""
     where, line, col, path, message = problem
+    if line is None:  # a problem of the form's files (:func:`path_problems`): no place in the YAML
+        return f"{path}: {message}"
     if str(where) != str(file):
         return format_problem(*problem)
     return f"line {line or 1}:{col or 1}: {path or '<root>'}: {message}"
 
 
-def preview(form: dict, file: str | Path) -> tuple[str, list[tuple], list[tuple[str, str]]]:
+def path_problems(data: dict, specs_dir: str | Path, runs_dir: str | Path) -> list[tuple[str, str]]:
+    """The files a form's spec names -- a teacher's ``from_spec``, checkpoints -- that are outside the UI's
+    specs and runs folders (symbolic links followed), as ``(key path, message)``: the UI reads nothing
+    elsewhere."""
+    problems = []
+    teacher = data.get("teacher") or {}
+    named = [("teacher.from_spec", specs.split_ref(teacher["from_spec"], Path(specs_dir) / "form.yaml")[0])]\
+        if teacher.get("from_spec") else []
+    named += [(f"{role}.checkpoint", Path((data.get(role) or {})["checkpoint"])) for role in ("teacher", "student")
+              if (data.get(role) or {}).get("checkpoint")]
+    for key, path in named:
+        outside = []
+        for root in (specs_dir, runs_dir):
+            try:
+                inside(root, path, key)
+            except UserError as e:
+                outside.append(str(e))
+        if len(outside) == 2:
+            problems.append((key, f"{path} is outside the specs folder ({specs_dir}) and the runs folder "
+                                  f"({runs_dir}): the UI reads files only there"))
+    return problems
+
+
+def preview(form: dict, file: str | Path, specs_dir: str | Path | None = None,
+            runs_dir: str | Path | None = None) -> tuple[str, list[tuple], list[tuple[str, str]]]:
     """``(YAML text, validator problems, form problems)`` of the form: :func:`check_text`'s tuples for the
-    YAML saved as ``file``, and :func:`form_to_spec`'s ``(field key, message)`` pairs."""
+    YAML saved as ``file``, and :func:`form_to_spec`'s ``(field key, message)`` pairs. With the UI's folders
+    given, files the spec names outside them (:func:`path_problems`) are the problems instead, without a
+    line, and the YAML is not checked (nothing there is read)."""
     data, form_problems = form_to_spec(form)
     text = spec_yaml(data)
+    outside = path_problems(data, specs_dir, runs_dir) if specs_dir is not None and runs_dir is not None else []
+    if outside:
+        return text, [(file, None, None, key, message) for key, message in outside], form_problems
     return text, check_text(text, file), form_problems
 
 
@@ -469,7 +506,7 @@ def load_spec(specs_dir: str | Path, choice: str) -> dict:
     still finds it once saved under another name in the same folder.
     """
     file, _, name = (choice or "").partition("#")
-    path = Path(specs_dir) / file
+    path = inside(specs_dir, file, "spec file")
     if not file or not path.is_file():
         raise UserError(f"no spec file {file!r} in {specs_dir}")
     loaded = specs.load_all(path)
@@ -487,7 +524,7 @@ def load_spec(specs_dir: str | Path, choice: str) -> dict:
 
 def save_spec(specs_dir: str | Path, file_name: str, text: str, overwrite: bool = False) -> Path:
     """Write ``text`` to ``specs_dir/file_name``; an existing different file needs ``overwrite``."""
-    path = Path(specs_dir) / check_file_name(file_name)
+    path = inside(specs_dir, check_file_name(file_name), "spec file")
     if path.exists() and path.read_text() != text and not overwrite:
         raise UserError(f"{path} exists: tick 'overwrite' to replace it, or choose another file name")
     path.parent.mkdir(parents=True, exist_ok=True)

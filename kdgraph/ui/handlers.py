@@ -51,9 +51,10 @@ class Handlers:
     def spec_file(self, file_name: str) -> Path:
         """Where the form's spec is saved (and what its problems are reported against)."""
         try:
-            return self.specs_dir / forms.check_file_name(file_name)
+            return jobs.inside(self.specs_dir, forms.check_file_name(file_name), "spec file")
         except UserError:
             return self.specs_dir / "spec.yaml"
+
 
     def spec_choices(self):
         return gr.update(choices=forms.spec_choices(self.specs_dir))
@@ -105,7 +106,7 @@ class Handlers:
         (:func:`~kdgraph.ui.fielderrors.error_css`)."""
         form = self.form(values)
         file = self.spec_file(file_name)
-        text, problems, form_problems = forms.preview(form, file)
+        text, problems, form_problems = forms.preview(form, file, self.specs_dir, self.runs_dir)
         lines = [forms.preview_line(p, file) for p in problems]
         errors = fielderrors.field_errors(problems, form_problems, form)
         return text, "\n".join(lines) if lines else VALID, fielderrors.error_css(errors)
@@ -243,9 +244,10 @@ class Handlers:
 
     def start(self, file_name: str, devices: list, overwrite: bool, *values):
         """Start (or queue) the form's spec as a run: ``(message, selected tab, run choice)``."""
-        data, form_problems = forms.form_to_spec(self.form(values))
-        text = forms.spec_yaml(data)
-        problems = form_problems + forms.validate(text, self.spec_file(file_name))
+        form = self.form(values)
+        data, _ = forms.form_to_spec(form)
+        _, problems, form_problems = forms.preview(form, self.spec_file(file_name), self.specs_dir, self.runs_dir)
+        problems = form_problems + problems
         skip = (gr.skip(), gr.skip(), gr.skip())
         if problems:
             return (_error(f"the spec has {len(problems)} problem(s), marked at their fields and listed under the "
@@ -377,8 +379,8 @@ class Handlers:
 
         if not file_name:
             return _error("choose a spec with a sweep: block"), gr.skip()
-        path = self.specs_dir / file_name
         try:
+            path = jobs.inside(self.specs_dir, forms.check_file_name(file_name), "spec file")
             loaded = specs.load(path)
             if not loaded.get("sweep"):
                 raise UserError(f"{path} has no sweep: block")

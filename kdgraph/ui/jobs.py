@@ -21,6 +21,7 @@ Nothing here depends on a web page: a background thread advances the queue.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -34,14 +35,14 @@ from pathlib import Path
 from typing import Sequence
 
 from kdgraph.app.grid import SWEEP_FILE
-from kdgraph.app.launch import engine_command, start
-from kdgraph.app.rundir import RunDir, read_json, write_json
+from kdgraph.app.launch import engine_command, policy_options, start
+from kdgraph.app.rundir import RunDir, read_json, write_json, write_text
 from kdgraph.errors import UserError
 
 JOBS_FILE = ".ui-jobs.json"
 LOCK_FILE = ".ui-jobs.lock"
-OUTPUT_LOG = "output.log"   # in a job's directory: the launcher's log of its attempts
-LAUNCH_SPEC = "launch.yaml"  # in a run's directory: the spec the UI started it with
+OUTPUT_LOG = RunDir.UI_LOG    # in a job's directory: the launcher's log of its attempts
+LAUNCH_SPEC = RunDir.UI_SPEC  # in a run's directory: the spec the UI started it with
 ACTIVE = ("queued", "running", "stopping")
 RECENT_SECONDS = 120.0  # a run dir written to this recently, whose summary says running, is in use
 
@@ -54,6 +55,7 @@ class Job:
     kind: str = "run"                 # run or sweep
     spec: str = ""                    # the spec file given to kdgraph
     resume: bool = False
+    force: bool = False               # start over: the run clears its (marked) directory first
     gpus: list[int] | None = None     # GPUs asked for (torch indices); None: any free one; []: CPU
     state: str = "queued"             # queued, running, stopping, ended, cancelled
     submitted: float = 0.0
@@ -84,6 +86,22 @@ def check_name(name: str) -> str:
     return name
 
 
+def inside(root: str | Path, path: str | Path, what: str) -> Path:
+    """``root/path`` (``path`` may also be absolute), refused unless it resolves -- symbolic links
+    followed -- inside ``root``: a page or an API call never reaches files elsewhere."""
+    full = Path(root) / path
+    real, top = full.resolve(), Path(root).resolve()
+    if real != top and top not in real.parents:
+        raise UserError(f"{what} {str(path)!r} is outside {root}: the UI reads and writes only inside its specs "
+                        f"and runs folders")
+    return full
+
+
+def run_path(runs_dir: str | Path, name: str) -> Path:
+    """The directory of run or sweep ``name`` of the runs folder (:func:`check_name`, :func:`inside`)."""
+    return inside(runs_dir, check_name(name), "run")
+
+
 def pinned_gpu(device) -> int | None:
     """N of a ``train.device`` of ``cuda:N`` (None for auto, cpu, cuda, mps)."""
     match = re.fullmatch(r"cuda:(\d+)", str(device or "").strip())
@@ -96,6 +114,10 @@ def outside_activity(run_dir: str | Path, job: "Job | None" = None, now: float |
     the last :data:`RECENT_SECONDS` -- and not before the UI's own job there ended (then it is that job's
     last write: the UI knows it is dead)."""
     rd = RunDir(run_dir)
+    holder = rd.holder()
+    if holder is not None and (job is None or holder.get("pid") != job.pid):
+        return (f"{run_dir} is being written by process {holder['pid']} ({holder.get('command', '?')}): stop "
+                f"that run first")
     if rd.status() != "running":
         return None
     latest = rd.last_write()
@@ -268,7 +290,7 @@ class JobManager:
         """
         with self._mutex:
             self._idle(name)
-            run_dir = self.runs_dir / name
+            run_dir = run_path(self.runs_dir, name)
             if (run_dir / SWEEP_FILE).exists():
                 raise UserError(f"{run_dir} is a sweep's directory: give the run another name")
             held = RunDir(run_dir).started()
@@ -279,18 +301,17 @@ class JobManager:
                 busy = outside_activity(run_dir, self._jobs.get(name))
                 if busy:
                     raise UserError(busy)
-                RunDir(run_dir).remove()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / LAUNCH_SPEC).write_text(spec_text)
+            RunDir(run_dir).ensure(adopt=True)  # the run clears it (--force): only a directory kdgraph marked
+            write_text(run_dir / LAUNCH_SPEC, spec_text)
             return self._enqueue(Job(name=name, spec=str(run_dir / LAUNCH_SPEC), gpus=self._check_gpus(gpus),
-                                     submitted=time.time()))
+                                     submitted=time.time(), force=held))
 
     def resume(self, name: str, gpus: list[int] | None = None) -> Job:
         """Queue ``kdgraph run ... --resume`` of a stopped, killed or failed run (on the GPUs it had asked
         for unless ``gpus`` is given; on GPU N for a spec of ``train.device: cuda:N``)."""
         with self._mutex:
             previous = self._idle(name)
-            run_dir = self.runs_dir / name
+            run_dir = run_path(self.runs_dir, name)
             busy = outside_activity(run_dir, previous)
             if busy:
                 raise UserError(busy)
@@ -326,9 +347,11 @@ class JobManager:
         as it is and None."""
         import yaml
 
+        from kdgraph import spec as specs
+
         try:
-            data = yaml.safe_load(spec.read_text())
-        except (OSError, yaml.YAMLError):
+            data = specs.load_yaml(spec)[0][0]  # size, nesting and alias limits
+        except UserError:
             return spec, None
         train = data.get("train") if isinstance(data, dict) else None
         pinned = pinned_gpu(train.get("device")) if isinstance(train, dict) else None
@@ -337,14 +360,14 @@ class JobManager:
         if not 0 <= pinned < self.gpu_count:
             raise UserError(f"{spec} sets train.device: cuda:{pinned}, but torch sees {self.gpu_count} GPU(s)")
         train["device"] = "cuda"
-        (run_dir / LAUNCH_SPEC).write_text(yaml.safe_dump(data, sort_keys=False))
+        write_text(run_dir / LAUNCH_SPEC, yaml.safe_dump(data, sort_keys=False))
         return run_dir / LAUNCH_SPEC, pinned
 
     def submit_sweep(self, name: str, spec_file: str | Path) -> Job:
         """Queue ``kdgraph sweep SPEC`` (its directory is ``RUNS/NAME``, NAME being the spec's name)."""
         with self._mutex:
             self._idle(name)
-            (self.runs_dir / name).mkdir(parents=True, exist_ok=True)
+            RunDir(run_path(self.runs_dir, name)).ensure(adopt=True)
             return self._enqueue(Job(name=name, kind="sweep", spec=str(spec_file), submitted=time.time()))
 
     # ------------------------------------------------------------------------------------ stop
@@ -385,10 +408,13 @@ class JobManager:
         if job.kind == "sweep":
             where = (["--devices", ",".join(str(i) for i in range(len(assigned)))] if assigned
                      else ["--jobs", str(self.cpu_slots)])
-            return [*self.engine, "sweep", job.spec, "--runs-dir", runs, *where]
-        cmd = [*self.engine, "run", job.spec, "--out", str(self.runs_dir / job.name), "--runs-dir", runs]
+            return [*self.engine, "sweep", job.spec, "--runs-dir", runs, *where, *policy_options()]
+        cmd = [*self.engine, "run", job.spec, "--out", str(self.runs_dir / job.name), "--runs-dir", runs,
+               *policy_options()]
         if job.resume:
             cmd.append("--resume")
+        elif job.force:
+            cmd.append("--force")
         if len(assigned) > 1:
             cmd += ["--nproc", str(len(assigned))]
         return cmd
@@ -416,15 +442,15 @@ class JobManager:
 
     def _start(self, job: Job, assigned: list[int]) -> None:
         run_dir = self.runs_dir / job.name
-        run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(job, assigned)
         env = self._env(job, assigned)
         base = self._elapsed(None, run_dir) if job.resume and not job.base_seconds else job.base_seconds
         try:
+            RunDir(run_dir).ensure(adopt=True)  # marked before the launcher's log goes in
             proc = start(cmd, run_dir / OUTPUT_LOG, env)
-        except OSError as e:
+        except (OSError, UserError) as e:
             job.state, job.ended, job.note = "ended", time.time(), f"could not start: {e}"
-            with open(run_dir / OUTPUT_LOG, "a") as log:
+            with contextlib.suppress(OSError), open(run_dir / OUTPUT_LOG, "a") as log:
                 log.write(f"kdgraph ui: {job.note}\n")
             return
         self._procs[job.name] = proc

@@ -22,7 +22,7 @@ from kdgraph.app.launch import failure_reason
 from kdgraph.app.rundir import STOPPED, RunDir
 from kdgraph.errors import UserError
 
-from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, RECENT_SECONDS, check_name
+from .jobs import ACTIVE, LAUNCH_SPEC, OUTPUT_LOG, RECENT_SECONDS, check_name, run_path
 
 RUN_HEADERS = ["run", "status", "epochs", "best top-1", "latest top-1", "teacher top-1", "student", "teacher",
                "methods", "device", "elapsed", "exit"]
@@ -404,9 +404,11 @@ def chance_note(summary: dict) -> str | None:
 
 
 def _spec_data(path: Path) -> dict | None:
+    from kdgraph import spec as specs
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        data = specs.load_yaml(path)[0][0]  # size, nesting and alias limits
+    except UserError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -419,7 +421,7 @@ def run_view(runs_dir: str | Path, name: str, job: dict | None, now: float | Non
 
     ``name`` must name a directory of the runs folder (:func:`~kdgraph.ui.jobs.check_name`): it may come
     from a page's free text or the API, and must not reach files elsewhere."""
-    rd = RunDir(Path(runs_dir) / check_name(name))
+    rd = RunDir(run_path(runs_dir, name))
     if not rd.path.is_dir():
         raise UserError(f"no run {name!r} in {runs_dir}")
     record = run_record(runs_dir, name, job)
@@ -492,7 +494,7 @@ def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
     """The sweep panel: ``markdown`` (state and cell counts), ``header`` and ``rows`` of the grid of best
     top-1 (filled in as cells finish), ``heatmap`` (its path once the sweep is done, else None), ``log``.
     ``name`` must name a directory of the runs folder (as for :func:`run_view`)."""
-    sweep_dir = Path(runs_dir) / check_name(name)
+    sweep_dir = run_path(runs_dir, name)
     if job is None and not sweep_dir.is_dir():
         raise UserError(f"no sweep {name!r} in {runs_dir}")
     state = job["state"] if job else "not started here"
