@@ -375,6 +375,9 @@ class TestLaunch:
         assert main(["sweep", str(tmp_path / "s.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 0
 
     def test_report_out_onto_a_file(self, tmp_path, cli):
+        from tests.test_sweep_report import fake_run
+
+        fake_run(tmp_path / "runs" / "a", best=50.0)
         (tmp_path / "f").write_text("x")
-        code, out, err = cli(["report", tmp_path, "--out", tmp_path / "f"])
+        code, out, err = cli(["report", tmp_path / "runs" / "a", "--out", tmp_path / "f"])
         assert code == 2 and "is a file" in err and "Traceback" not in out + err
