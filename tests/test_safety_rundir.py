@@ -64,7 +64,7 @@ def same_run(run: Path, ref: Path) -> None:
     for name in ("last", "best"):
         same(torch.load(RunDir(run).checkpoint(name), weights_only=True),
              torch.load(RunDir(ref).checkpoint(name), weights_only=True), name)
-    same(RunDir(run).metrics(), RunDir(ref).metrics(), "metrics")
+    same(RunDir(run).rows(), RunDir(ref).rows(), "metrics")
     keys = ("status", "epochs_done", "best_top1", "best_epoch", "final_top1", "teacher_top1")
     assert {k: RunDir(run).summary().get(k) for k in keys} == {k: RunDir(ref).summary().get(k) for k in keys}
     assert not [p for p in run.rglob("*.tmp")], "stale temporary files"
@@ -248,10 +248,23 @@ class TestWriteOrdering:
         assert resumed.returncode == 0, resumed.stderr
         same_run(tmp_path / "run", ref)
 
+    @pytest.mark.parametrize("point", ["last.pt:renamed@1", "metrics.jsonl:written@1"])
+    def test_inside_a_pre_training_stage(self, tmp_path, teacher_ckpt, point):
+        file = spec_file(tmp_path, "init", teacher={"model": "wrn-16-1", "checkpoint": str(teacher_ckpt)},
+                         loss=[{"method": "ce"}, {"method": "tests.userpkg:InitHint"}],
+                         train={"epochs": 2, "max_steps_per_epoch": 2, "schedule": {"name": "constant"}})
+        assert kdgraph(["run", file, "--out", tmp_path / "ref"], tmp_path).returncode == 0
+        killed = kdgraph(["run", file, "--out", tmp_path / "run"], tmp_path, {"KDGRAPH_CRASH_AT": point})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = kdgraph(["run", file, "--out", tmp_path / "run", "--resume"], tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        same_run(tmp_path / "run", tmp_path / "ref")
+        assert RunDir(tmp_path / "run").rows()[0]["stage"] == "init"
+
     def test_metrics_rows_carry_in_the_checkpoint(self, reference):
         _, ref = reference
         saved = torch.load(RunDir(ref).last, weights_only=True)
-        assert saved["state"]["rows"] == RunDir(ref).metrics()
+        assert saved["state"]["rows"] == RunDir(ref).rows()
 
 
 # ------------------------------------------------------------------------------------------- damaged files

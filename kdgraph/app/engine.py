@@ -621,7 +621,7 @@ def restore(t: Training, previous: dict) -> None:
                    f"exact, the augmentation random streams are not")
     t.summary.update({k: previous.get(k) for k in ("best_top1", "best_epoch", "final_top1") if k in previous})
     if "rows" not in t.state:  # a checkpoint of an older kdgraph: the rows are in the metrics file alone
-        t.state["rows"] = [r for r in t.rd.metrics() if r["epoch"] <= t.state["epoch"]] if t.rank == 0 else []
+        t.state["rows"] = [r for r in t.rd.rows() if r["epoch"] <= t.state["epoch"]] if t.rank == 0 else []
     if t.rank == 0:
         with _disk(t.rd, "the run's files", lambda: _last_good(t)):
             for row in t.rd.settle(saved, t.summary):  # rows a kill had kept out of the metrics file

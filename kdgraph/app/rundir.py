@@ -200,7 +200,12 @@ class RunDir:
         """The per-epoch rows of ``metrics.jsonl`` of ``stage``: ``distill`` (the epochs that train and test the
         student), or ``init`` (the terms' pre-training epochs, rows marked ``"stage": "init"``). A partly
         written last line is ignored."""
-        return [r for r in _json_lines(self.metrics_file, "epoch") if r.get("stage", "distill") == stage]
+        return [row for row in self.rows() if row.get("stage", "distill") == stage]
+
+    def rows(self) -> list[dict]:
+        """Every row of ``metrics.jsonl``, of any stage, in order (damaged lines are skipped: a resumed run
+        rewrites the file from its checkpoint)."""
+        return _json_lines(self.metrics_file, "epoch")
 
     def steps(self) -> list[dict]:
         """The rows of ``steps.jsonl``: ``step`` (optimiser steps so far), ``epoch`` (epochs so far, a
@@ -372,7 +377,7 @@ class RunDir:
         if check_best and state.get("best_epoch") == state["epoch"] and not state["step"] \
                 and _epoch_of(self.best) != state["epoch"]:
             self.save_checkpoint("best", best_of(checkpoint))  # killed between last.pt and best.pt
-        rows, have = state.get("rows"), self.metrics()
+        rows, have = state.get("rows"), self.rows()
         if rows is None:  # a checkpoint of an older kdgraph: keep the rows up to it
             rows = [r for r in have if r["epoch"] <= state["epoch"]]
         fresh = rows[len(have):] if have == rows[:len(have)] else rows
