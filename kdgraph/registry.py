@@ -65,16 +65,21 @@ def import_policy_scope(allowed: Iterable[str] | None, source: str = "") -> Iter
         set_import_policy(before[0], before[1])
 
 
-def _allowed(module_name: str) -> bool:
-    if _policy is None:
-        return True
+def _stdlib(module_name: str) -> bool:
     top = module_name.split(".")[0]
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+
+def _allowed(module_name: str) -> bool:
+    if _stdlib(module_name):  # no model, data set or method lives there; os:system would run a command
         return False
-    return any(module_name == p or module_name.startswith(p + ".") for p in _policy)
+    return _policy is None or any(module_name == p or module_name.startswith(p + ".") for p in _policy)
 
 
 def _refuse(path: str, what: str) -> UserError:
+    if _policy is None:
+        return UserError(f"{path!r} {what}: a spec's import paths never reach the standard library (no model, "
+                         f"data set or method lives there)")
     if _policy == ():
         why = f"import paths are switched off{f' ({_policy_source})' if _policy_source else ''}"
     else:
@@ -87,9 +92,10 @@ def _refuse(path: str, what: str) -> UserError:
 def import_object(path: str) -> Any:
     """Resolve ``package.module:attr.sub`` to the object it names; a UserError says what went wrong.
 
-    Under a restricted import policy (see :func:`set_import_policy`) the module is checked before it is
-    imported, and the object must be a public attribute defined under an allowed package (no walking into
-    other modules, no re-exported ``os.system``).
+    The module is checked against the import policy (see :func:`set_import_policy`) before it is imported;
+    the standard library is refused under any policy, as is an object defined there (``os.system``
+    re-exported by another module). Under a restricted policy the object must also be a public attribute
+    defined under an allowed package (no walking into other modules).
     """
     if not is_import_path(path):
         raise UserError(f"{path!r} is not an import path of the form 'package.module:Name'")
@@ -109,8 +115,8 @@ def import_object(path: str) -> Any:
             raise UserError(f"module {module_name!r} has no attribute {attr!r}{did_you_mean(part, names)}")
         obj = getattr(obj, part)
     origin = getattr(obj, "__module__", None)
-    if _policy is not None and (isinstance(obj, types.ModuleType) or not isinstance(origin, str)
-                                or not _allowed(origin)):
+    if isinstance(origin, str) and _stdlib(origin) or _policy is not None and (
+            isinstance(obj, types.ModuleType) or not isinstance(origin, str) or not _allowed(origin)):
         raise _refuse(path, f"names an object of {origin or type(obj).__name__!r}")
     return obj
 

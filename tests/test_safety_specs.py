@@ -444,8 +444,16 @@ class TestImportPolicy:
                 with pytest.raises(UserError, match="never the standard library"):
                     import_object(path)
 
-    def test_the_default_allows_a_users_own_import_paths(self):
+    def test_the_default_allows_a_users_own_import_paths_but_never_the_standard_library(self, workdir, evil):
         assert import_object("tests.userpkg:Net").__name__ == "Net"
+        for path in ["os:system", "subprocess:run", "kdgraph.files:os.system", "fz_evil:build"]:
+            with pytest.raises(UserError, match="standard library|names an object of 'posix'"):
+                import_object(path)
+        write(workdir, BASE.replace("student: {model: wrn-10-1}",
+                                    "student: {model: 'os:system', kwargs: {command: 'touch pwned'}}"))
+        (p,) = problems_of(workdir / "spec.yaml")
+        assert p[3] == "student.model" and "never reach the standard library" in p[4]
+        assert not (workdir / "pwned").exists()
 
 
 # ------------------------------------------------------------------------------------- fuzz corpus
