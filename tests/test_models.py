@@ -157,7 +157,7 @@ def test_import_paths():
     assert (model.conv1.in_channels, model.fc.out_features) == (1, 3)
     assert model_exists("torch.nn:Linear") and not model_exists("torch.nn:Nope")
     with pytest.raises(UserError, match="not a torch.nn.Module"):
-        build_model("collections:OrderedDict")
+        build_model("torch.utils.data:TensorDataset")  # importable, not a model
     with pytest.raises(UserError, match="out_features"):
         build_model("torch.nn:Linear", in_features=4)
 
