@@ -479,7 +479,41 @@ def layers(model: nn.Module, input_shape: Sequence[int], leaf_modules: Iterable[
             src = traced.modules[path][0]
             rows.append({"name": path, "op": traced.modules[path][2], "kind": "block", "shape": shape,
                          "input": _shape(values.get(src)) if src is not None else None})
+    _mark_declared_stages(model, rows)
     return rows
+
+
+def _mark_declared_stages(model: nn.Module, rows: list[dict]) -> None:
+    """Number the rows of the stages ``model.feature_info`` declares (timm's convention: a list of dicts
+    whose ``module`` names a stage's output) as ``stage``, and their pre-activation values as ``stage_pre``.
+
+    kdgraph's models add ``pre`` (a tap name); without it the pre-activation is the input of the activation
+    that produces the stage output, if one does. Nothing is marked unless every declared stage is a 4-d
+    value in ``rows`` (a leaf module can hide a name; token models' stages are not feature maps).
+    """
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)) or not info or not all(isinstance(f, dict) for f in info):
+        return
+    index = {r["name"]: i for i, r in enumerate(rows)}
+    marks = []
+    for f in info:
+        out, pre = index.get(f.get("module")), index.get(f.get("pre") or _pre_of(rows, index, f.get("module")))
+        if out is None or pre is None or any(len(rows[i]["shape"] or ()) != 3 for i in (out, pre)):
+            return
+        marks.append((out, pre))
+    for n, (out, pre) in enumerate(marks):
+        rows[out]["stage"], rows[pre]["stage_pre"] = n, n
+
+
+def _pre_of(rows: list[dict], index: dict, name: str | None) -> str | None:
+    """The input of the activation whose output ``name`` is (a block's output is its last node's), else ``name``."""
+    i = index.get(name)
+    if i is None:
+        return None
+    while i > 0 and rows[i]["kind"] == "block":
+        i -= 1
+    own = rows[i]["name"] + PRE
+    return own if own in index else name
 
 
 def _op_label(node: fx.Node, root: nn.Module) -> str:
@@ -512,13 +546,19 @@ def stages(rows: list[dict]) -> list[list[dict]]:
 
 
 def stage_ends(rows: list[dict], pre: bool) -> list[str]:
-    """Default distillation positions from a :func:`layers` table: one per stage (:func:`stages`), in order.
+    """Default distillation positions from a :func:`layers` table: one per stage, in order.
 
-    With ``pre`` the position is the last value of the stage -- the input of an activation when an
-    activation ends it (the pre-ReLU value feature methods such as Heo et al.'s need). Without ``pre`` it
-    is the output of the outermost block ending last in the stage (the "group output" of AT/SP), or the
-    last value when the model has no blocks.
+    Stages a model declares (``feature_info``, marked by :func:`layers`) come first: their outputs, or
+    with ``pre`` their pre-activation values. Otherwise the stages are :func:`stages`; with ``pre`` the
+    position is the last value of the stage -- the input of an activation when an activation ends it (the
+    pre-ReLU value feature methods such as Heo et al.'s need). Without ``pre`` it is the output of the
+    outermost block ending last in the stage (the "group output" of AT/SP), or the last value when the
+    model has no blocks.
     """
+    key = "stage_pre" if pre else "stage"
+    declared = sorted((r[key], r["name"]) for r in rows if key in r)
+    if declared:
+        return [name for _, name in declared]
     names = {r["name"] for r in rows}
     ends = []
     for stage in stages(rows):

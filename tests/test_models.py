@@ -9,6 +9,9 @@ import torch.fx
 from torch import nn
 
 from kdgraph.errors import UserError
+from kdgraph.graph import layers, stage_ends, trace
+from kdgraph.losses import LOSSES, build_terms
+from kdgraph.losses.terms import _feeding_batchnorm
 from kdgraph.models import MODELS, build_model, list_models, model_exists
 from kdgraph.models.shufflenetv2 import ShuffleNetV2, channel_shuffle
 from kdgraph.models.wrn import WideResNet
@@ -36,23 +39,59 @@ PAPER_PARAMS = {
 
 
 @functools.cache
+def model_rows() -> dict:
+    return {row["name"]: row for row in list_models()}
+
+
+@functools.cache
 def built(name: str) -> nn.Module:
     torch.manual_seed(0)
     return build_model(name, num_classes=100)
+
+
+#: RepDistiller's definitions at 100 classes (counted from its model code: ../shared/literature.md), by the
+#: kdgraph name of the same network and RepDistiller's own name.
+REPDISTILLER_PARAMS = {
+    "wrn-16-1": ("wrn_16_1", 180_916), "wrn-16-2": ("wrn_16_2", 703_284), "wrn-40-1": ("wrn_40_1", 569_780),
+    "wrn-40-2": ("wrn_40_2", 2_255_156), "resnet8": ("resnet8", 83_892), "resnet14": ("resnet14", 181_108),
+    "resnet20": ("resnet20", 278_324), "resnet32": ("resnet32", 472_756), "resnet44": ("resnet44", 667_188),
+    "resnet56": ("resnet56", 861_620), "resnet110": ("resnet110", 1_736_564),
+    "resnet8x4": ("resnet8x4", 1_233_540), "resnet32x4": ("resnet32x4", 7_433_860),
+    "vgg8": ("vgg8", 3_965_028), "vgg11": ("vgg11", 9_277_284), "vgg13": ("vgg13", 9_462_180),
+    "vgg16": ("vgg16", 14_774_436), "vgg19": ("vgg19", 20_086_692),
+    "mobilenetv2-0.5": ("MobileNetV2", 812_836), "resnet50-cifar": ("ResNet50", 23_705_252),
+    "shufflev1": ("ShuffleV1", 949_258), "shufflev2-1.0": ("ShuffleV2", 1_355_528),
+}
+#: The original Distillation project's ShuffleNetV2-1.0 (literature.md) and kdgraph's paper-unit one.
+OTHER_EXACT_PARAMS = {"shufflenetv2-orig-1.0": 1_360_896, "shufflenetv2-1.0": 1_356_104}
 
 
 def test_registry_names():
     assert {"wrn-16-1", "wrn-16-2", "wrn-16-4", "wrn-16-8", "wrn-28-2", "wrn-28-4", "wrn-28-10", "wrn-40-1",
             "wrn-40-2", "wrn-40-4", "shufflenetv2-0.5", "shufflenetv2-1.0", "shufflenetv2-1.5",
             "shufflenetv2-2.0", "resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4",
-            "resnet32x4"} <= set(ALL)
+            "resnet32x4", *REPDISTILLER_PARAMS, *OTHER_EXACT_PARAMS} <= set(ALL)
     for name in ALL:
-        assert MODELS.meta(name)["family"] in {"wrn", "shufflenetv2", "resnet-cifar"}
-        assert MODELS.meta(name)["paper"]
+        assert MODELS.meta(name)["family"] in {"wrn", "shufflenetv2", "shufflenetv1", "resnet-cifar", "vgg-cifar",
+                                               "mobilenetv2-cifar"}
+        assert MODELS.meta(name)["paper"] and MODELS.meta(name)["source"]
+
+
+def test_parameter_counts_equal_repdistillers():
+    rows = model_rows()
+    for name, (theirs, count) in REPDISTILLER_PARAMS.items():
+        assert (rows[name]["params"], rows[name]["num_classes"]) == (count, 100), name
+        assert rows[name]["source"].startswith(f"RepDistiller {theirs}"), name
+    for name, count in OTHER_EXACT_PARAMS.items():
+        assert rows[name]["params"] == count, name
+    # the three ShuffleNetV2 variants are told apart by name and source
+    assert "1x1 stem" in rows["shufflev2-1.0"]["source"] and "3x3 stem" in rows["shufflenetv2-1.0"]["source"]
+    assert "original Distillation" in rows["shufflenetv2-orig-1.0"]["source"]
+    assert rows["shufflev2-2.0"]["params"] < rows["shufflenetv2-2.0"]["params"]  # 224 vs 244 first-stage channels
 
 
 def test_parameter_counts_match_the_papers():
-    rows = {row["name"]: row for row in list_models()}
+    rows = model_rows()
     assert set(rows) == set(ALL)
     for name, expected in PAPER_PARAMS.items():
         assert rows[name]["num_classes"] == 100
@@ -81,6 +120,10 @@ def test_fx_trace_matches_eager(name):
 @pytest.mark.parametrize("name", ALL)
 def test_relus_are_in_place(name):
     relus = [m for m in built(name).modules() if isinstance(m, nn.ReLU)]
+    if name.startswith("shufflenetv2-orig"):  # a unit's leading ReLUs read an input two branches share
+        relus = [m for m in relus if m is not built(name).conv5[0] and not any(
+            m is u.residual[0] or m is u.shortcut[0] for st in (built(name).stage2, built(name).stage3,
+                                                                 built(name).stage4) for u in st)]
     assert relus and all(m.inplace for m in relus)
 
 
@@ -171,3 +214,58 @@ def test_unknown_names_suggest_close_ones():
     with pytest.raises(UserError, match="did you mean 'resnet56'"):
         build_model("resnet-56")
     assert not model_exists("resnet-56")
+
+
+# ------------------------------------------------------------------------------------ stages and auto
+@functools.cache
+def meta_rows(name: str) -> tuple:
+    with torch.device("meta"):
+        model = build_model(name, num_classes=100)
+    return model, layers(model.eval(), (3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_stages_are_the_auto_positions(name):
+    """Every zoo model declares its stages (``feature_info``): ``positions: auto`` takes them, each stage is
+    smaller than or as small as the one before, and every pre-activation position has a BatchNorm in front
+    (where ``margin_relu`` reads its margins)."""
+    model, rows = meta_rows(name)
+    info = model.feature_info
+    assert stage_ends(rows, pre=False) == [f["module"] for f in info]
+    assert stage_ends(rows, pre=True) == [f["pre"] for f in info]
+    shape = {r["name"]: r["shape"] for r in rows}
+    assert [shape[f["module"]][0] for f in info] == [f["num_chs"] for f in info]
+    sizes = [shape[f["module"]][1] for f in info]
+    assert sizes == sorted(sizes, reverse=True) and [32 // s for s in sizes] == [f["reduction"] for f in info]
+    traced = trace(model)
+    for f in info:
+        assert isinstance(_feeding_batchnorm(model, traced.resolve(f["pre"])), nn.BatchNorm2d), f["pre"]
+        assert shape[f["pre"]][1:] == shape[f["module"]][1:]
+
+
+#: RepDistiller's 13 CIFAR-100 pairs (teacher, student) in kdgraph's names.
+PAIRS = [("wrn-40-2", "wrn-16-2"), ("wrn-40-2", "wrn-40-1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+         ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2-0.5"),
+         ("resnet50-cifar", "mobilenetv2-0.5"), ("resnet50-cifar", "vgg8"), ("resnet32x4", "shufflev1"),
+         ("resnet32x4", "shufflev2-1.0"), ("wrn-40-2", "shufflev1")]
+
+
+@pytest.mark.parametrize("teacher,student", PAIRS)
+def test_auto_positions_pair_up_on_the_benchmark_pairs(teacher, student):
+    """``positions: auto`` works for every feature method on every pair, as RepDistiller pairs them: all
+    stages (its features f1..fN), the last, the second (its hint layer), the embedding."""
+    methods = [m for m in LOSSES.names() if getattr(LOSSES.get(m), "features", None)]
+    (t_model, t_rows), (s_model, s_rows) = meta_rows(teacher), meta_rows(student)
+    terms, problems = build_terms([{"method": m} for m in methods], teacher_rows=t_rows, student_rows=s_rows,
+                                  has_teacher=True)
+    assert problems == []
+    t_stages, s_stages = [f["module"] for f in t_model.feature_info], [f["module"] for f in s_model.feature_info]
+    for term in terms:
+        pairs = [tuple(p) for p in term.pairs]
+        if term.auto == "all":
+            assert pairs == list(zip([f["pre"] for f in t_model.feature_info], [f["pre"] for f in s_model.feature_info])
+                                 if term.features == "pre" else zip(t_stages, s_stages))
+        elif term.auto == "last":
+            assert pairs == [(t_stages[-1], s_stages[-1])]
+        elif term.auto == "middle":
+            assert pairs == [(t_stages[1], s_stages[1])]

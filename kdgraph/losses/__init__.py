@@ -79,8 +79,8 @@ def _auto(rows: list[dict], term, student: bool = False) -> list[str]:
     ends = stage_ends(rows, pre=features == "pre")
     if term.auto == "last":
         return ends[-1:]
-    if term.auto == "middle":
-        return ends[len(ends) // 2: len(ends) // 2 + 1]
+    if term.auto == "middle":  # the second of 3 or 4 stages (RepDistiller's hint layer), the third of 5
+        return ends[(len(ends) - 1) // 2: (len(ends) - 1) // 2 + 1]
     if term.auto == "input+all":  # the first stage's input (when a block starts it) and every stage end
         first = next((r for r in rows if ends and r["name"] == ends[0]), None)
         return [ends[0] + PRE] + ends if first is not None and first["kind"] == "block" else ends

@@ -2,8 +2,8 @@
 
 A model name is one of
 
-* a name in :data:`MODELS` (``wrn-40-2``, ``resnet32x4``, ``shufflenetv2-1.0``...) or ``wrn-D-K`` for any
-  valid depth ``D`` and widen factor ``K``;
+* a name in :data:`MODELS` (``wrn-40-2``, ``resnet32x4``, ``vgg13``, ``shufflev2-1.0``...) or ``wrn-D-K``
+  for any valid depth ``D`` and widen factor ``K``;
 * ``torchvision:NAME`` for any classification model of ``torchvision.models`` (``torchvision:resnet18``);
 * an import path ``package.module:callable`` whose call returns an ``nn.Module``.
 """
@@ -20,8 +20,12 @@ from torch import nn
 from ..errors import UserError, did_you_mean
 from ..params import check_arguments
 from ..registry import Registry
-from .resnet_cifar import ResNet
-from .shufflenetv2 import ShuffleNetV2
+from .mobilenetv2 import MobileNetV2
+from .resnet_cifar import BottleneckResNet, ResNet
+from .shufflenetv1 import ShuffleNetV1
+from .shufflenetv2 import REPDISTILLER_WIDTHS, ShuffleNetV2
+from .shufflenetv2_original import OriginalShuffleNetV2
+from .vgg import VGG
 from .wrn import WideResNet, blocks_per_stage
 
 __all__ = ["MODELS", "build_model", "model_exists", "list_models"]
@@ -33,21 +37,46 @@ LIST_NUM_CLASSES = 100  # the class count list_models() counts parameters for (C
 
 _WRN_PAPER = "Zagoruyko & Komodakis, Wide Residual Networks, BMVC 2016 (arXiv:1605.07146)"
 _SHUFFLENETV2_PAPER = "Ma et al., ShuffleNet V2, ECCV 2018 (arXiv:1807.11164)"
+_SHUFFLENETV1_PAPER = "Zhang et al., ShuffleNet, CVPR 2018 (arXiv:1707.01083)"
 _RESNET_PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 _RESNET_X4_PAPER = _RESNET_PAPER + "; x4 widths: Tian et al., Contrastive Representation Distillation, ICLR 2020"
+_VGG_PAPER = "Simonyan & Zisserman, Very Deep Convolutional Networks, ICLR 2015 (arXiv:1409.1556)"
+_MOBILENETV2_PAPER = "Sandler et al., MobileNetV2, CVPR 2018 (arXiv:1801.04381)"
+_RD = "RepDistiller"  # Tian et al.'s benchmark code (github.com/HobbitLong/RepDistiller), also mdistiller's
 
 for _depth, _k in [(16, 1), (16, 2), (16, 4), (16, 8), (28, 2), (28, 4), (28, 10), (40, 1), (40, 2), (40, 4)]:
-    MODELS.register(f"wrn-{_depth}-{_k}", family="wrn", paper=_WRN_PAPER)(partial(WideResNet, _depth, _k))
+    MODELS.register(f"wrn-{_depth}-{_k}", family="wrn", paper=_WRN_PAPER,
+                    source=f"{_RD} wrn_{_depth}_{_k}" if (_depth, _k) in {(16, 1), (16, 2), (40, 1), (40, 2)}
+                    else "the WRN authors' code")(partial(WideResNet, _depth, _k))
 
 for _size in ["0.5", "1.0", "1.5", "2.0"]:
-    MODELS.register(f"shufflenetv2-{_size}", family="shufflenetv2", paper=_SHUFFLENETV2_PAPER)(
-        partial(ShuffleNetV2, float(_size)))
+    MODELS.register(f"shufflenetv2-{_size}", family="shufflenetv2", paper=_SHUFFLENETV2_PAPER,
+                    source="the paper's units and widths, 3x3 stem")(partial(ShuffleNetV2, float(_size)))
+    MODELS.register(f"shufflev2-{_size}", family="shufflenetv2", paper=_SHUFFLENETV2_PAPER,
+                    source=f"{_RD} ShuffleV2" + ("" if _size == "1.0" else f" (net_size {_size})")
+                    + ": 1x1 stem" + (", 224 first-stage channels" if _size == "2.0" else ""))(
+        partial(ShuffleNetV2, float(_size), stem_kernel=1, widths=REPDISTILLER_WIDTHS[float(_size)]))
+    MODELS.register(f"shufflenetv2-orig-{_size}", family="shufflenetv2", paper=_SHUFFLENETV2_PAPER,
+                    source=f"the original Distillation project's shufflenetV2-{_size}: pre-activation "
+                           f"units, conv biases")(partial(OriginalShuffleNetV2, float(_size)))
+MODELS.register("shufflev1", family="shufflenetv1", paper=_SHUFFLENETV1_PAPER,
+                source=f"{_RD} ShuffleV1: g=3, 1x1 stem")(ShuffleNetV1)
 
-for _depth in [20, 32, 56, 110]:
-    MODELS.register(f"resnet{_depth}", family="resnet-cifar", paper=_RESNET_PAPER)(partial(ResNet, _depth))
+for _depth in [8, 14, 20, 32, 44, 56, 110]:
+    MODELS.register(f"resnet{_depth}", family="resnet-cifar", paper=_RESNET_PAPER,
+                    source=f"{_RD} resnet{_depth}")(partial(ResNet, _depth))
 for _depth in [8, 32]:
-    MODELS.register(f"resnet{_depth}x4", family="resnet-cifar", paper=_RESNET_X4_PAPER)(
-        partial(ResNet, _depth, (32, 64, 128, 256)))
+    MODELS.register(f"resnet{_depth}x4", family="resnet-cifar", paper=_RESNET_X4_PAPER,
+                    source=f"{_RD} resnet{_depth}x4")(partial(ResNet, _depth, (32, 64, 128, 256)))
+MODELS.register("resnet50-cifar", family="resnet-cifar", paper=_RESNET_PAPER,
+                source=f"{_RD} ResNet50: bottlenecks, 3x3 stride-1 stem, no max-pool")(BottleneckResNet)
+
+for _depth in [8, 11, 13, 16, 19]:
+    MODELS.register(f"vgg{_depth}", family="vgg-cifar", paper=_VGG_PAPER,
+                    source=f"{_RD} vgg{_depth} (vgg{_depth}_bn): BatchNorm, no hidden FC")(partial(VGG, _depth))
+MODELS.register("mobilenetv2-0.5", family="mobilenetv2-cifar", paper=_MOBILENETV2_PAPER,
+                source=f"{_RD} MobileNetV2 (mobile_half): expansion 6, width 0.5")(
+    partial(MobileNetV2, 6, 0.5))
 
 
 def _wrn_from_name(match: re.Match) -> Callable[..., WideResNet]:
@@ -142,7 +171,8 @@ def model_exists(name: str) -> bool:
 
 
 def list_models() -> list[dict[str, Any]]:
-    """One dict per registered model: name, family, paper, num_classes and its parameter count for them.
+    """One dict per registered model: name, family, paper, source (where the definition comes from),
+    num_classes, its parameter count for them and the foreign checkpoint layouts it loads.
 
     The models are built on the meta device, so this allocates no memory and runs no initialisation.
     """
@@ -152,5 +182,7 @@ def list_models() -> list[dict[str, Any]]:
             model = build_model(name, num_classes=LIST_NUM_CLASSES)
         meta = MODELS.meta(name)
         rows.append({"name": name, "family": meta.get("family"), "paper": meta.get("paper"),
-                     "num_classes": LIST_NUM_CLASSES, "params": sum(p.numel() for p in model.parameters())})
+                     "source": meta.get("source"), "num_classes": LIST_NUM_CLASSES,
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "checkpoint_layouts": list(getattr(model, "checkpoint_layouts", {}))})
     return rows

@@ -3,8 +3,14 @@
 Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016 (arXiv:1605.07146). ``WRN-D-K`` has depth
 ``D = 6n + 4`` (a 3x3 stem conv, three stages of ``n`` two-conv blocks, the classifier) and widens the
 stages of a pre-activation ResNet (He et al., ECCV 2016) to ``16K, 32K, 64K`` channels.
+
+This is the function of the authors' code and of RepDistiller's, mdistiller's, Heo et al.'s and the
+original Distillation project's ``wrn``; their checkpoints name a stage's blocks ``blockN.layer.I`` and
+the projection ``convShortcut`` (:func:`repdistiller_key` maps them).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -12,13 +18,19 @@ from torch import nn
 from ..errors import UserError
 
 
-def init_conv_bn(model: nn.Module) -> None:
-    """He (fan-out) initialisation of every conv, BatchNorm at weight 1 and bias 0 (CIFAR ResNets/WRNs)."""
+def init_conv_bn(model: nn.Module, linear_std: float | None = None) -> None:
+    """He (fan-out) initialisation of every conv (bias 0), BatchNorm at weight 1 and bias 0 (CIFAR
+    ResNets/WRNs); with ``linear_std`` also linear layers at N(0, linear_std^2), bias 0 (CIFAR VGG, MobileNetV2)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
             nn.init.zeros_(m.bias)
 
 
@@ -61,8 +73,21 @@ class BasicBlock(nn.Module):
         return (x if self.shortcut is None else self.shortcut(x)) + out
 
 
+def repdistiller_key(key: str) -> str:
+    """A key of the authors'/RepDistiller's WRN state_dict (``block1.layer.0.convShortcut.weight``) as
+    :class:`WideResNet` names it (``block1.0.shortcut.weight``)."""
+    return re.sub(r"^(block\d+)\.layer\.", r"\1.", key).replace(".convShortcut.", ".shortcut.")
+
+
 class WideResNet(nn.Module):
-    """``WRN-depth-widen_factor``; ``dropout`` is applied between the two convolutions of every block."""
+    """``WRN-depth-widen_factor``; ``dropout`` is applied between the two convolutions of every block.
+
+    Stages (``feature_info``): ``block1..3``; their pre-ReLU values are each stage's output through the
+    BatchNorm that starts the next stage (the final BN for the last), as in Heo et al.'s code.
+    """
+
+    checkpoint_layouts = {"RepDistiller/mdistiller/Heo et al./Distillation WRN (blockN.layer.I, convShortcut)":
+                          repdistiller_key}
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0,
                  in_channels: int = 3):
@@ -77,6 +102,9 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
+        pre = ["block2.0.relu1:pre", "block3.0.relu1:pre", "relu:pre"]
+        self.feature_info = [{"module": f"block{i + 1}", "pre": pre[i], "num_chs": w, "reduction": 2 ** i}
+                             for i, w in enumerate(widths)]
 
         init_conv_bn(self)
         nn.init.zeros_(self.fc.bias)
