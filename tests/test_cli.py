@@ -216,7 +216,8 @@ def test_layers_json_and_filter(cli):
     assert rows and all("block2.0" in r["name"] for r in rows)
     row = next(r for r in rows if r["name"] == "block2.0.relu1:pre")
     assert row["shape"] == [32, 32, 32] and row["kind"] == "pre"
-    assert {"name", "op", "kind", "shape"} == set(row)
+    assert {"name", "op", "kind", "shape", "stage_pre"} == set(row)  # block2.0.relu1:pre ends WRN's first stage
+    assert row["stage_pre"] == 0
 
 
 def test_layers_torchvision_model_at_imagenet_size(cli):

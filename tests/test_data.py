@@ -381,3 +381,43 @@ def test_training_batches_carry_each_samples_index(loader, workers):
         sampler.set_epoch(3)
         shards.append([i if isinstance(i, int) else i[0] for i in sampler][:32])
     assert sorted(shards[0] + shards[1]) == sorted(batches[0][2].tolist())
+
+
+# ---------------------------------------------------------------- other projects' CIFAR preprocessing
+REPDISTILLER_MEAN, REPDISTILLER_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+
+
+def test_cifar100_with_repdistillers_normalisation_and_zero_padding(tmp_path, monkeypatch):
+    written = write_cifar(tmp_path, torchvision.datasets.CIFAR100, monkeypatch, 100)
+    options = {"mean": list(REPDISTILLER_MEAN), "std": list(REPDISTILLER_STD), "padding_mode": "constant"}
+    train_set, test_set, info = build_datasets(data_cfg("cifar100", root=str(tmp_path), options=options))
+    assert (info.mean, info.std) == (REPDISTILLER_MEAN, REPDISTILLER_STD)
+    torch.testing.assert_close(test_set[0][0], normalise(written["test"][0][:1], REPDISTILLER_MEAN,
+                                                         REPDISTILLER_STD)[0])
+    crop = train_set.transform.transforms[0]
+    assert isinstance(crop, torchvision.transforms.RandomCrop) and crop.padding_mode == "constant"
+    # the tensor loader reads the same augmentation off the transform: zero padding
+    loader, _, _ = build_loaders(data_cfg("cifar100", root=str(tmp_path), options=options, loader="tensor"))
+    assert loader.source.padding_mode == "constant" and loader.source.fill == 0
+
+
+def test_cinic10_random_resized_crop_of_the_original_project(tmp_path):
+    write_image_folder(tmp_path, ["train", "test"], size=32)
+    train_set, _, _ = build_datasets(data_cfg("cinic10", root=str(tmp_path), options={"crop": "resized"}))
+    crop = train_set.transform.transforms[0]
+    assert isinstance(crop, torchvision.transforms.RandomResizedCrop) and crop.size == (32, 32)
+    assert crop.scale == (0.08, 1.0)
+    assert train_set[0][0].shape == (3, 32, 32)
+    with pytest.raises(UserError, match="RandomResizedCrop"):  # not a batched crop of a fixed-size tensor
+        build_loaders(data_cfg("cinic10", root=str(tmp_path), options={"crop": "resized"}, loader="tensor"))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"crop": "random"}, "crop must be one of padded, resized"),
+    ({"padding_mode": "zeros"}, "padding_mode must be one of reflect, constant"),
+    ({"mean": [0.5, 0.5]}, "mean must be 3 numbers"),
+    ({"std": [0.2, 0.0, 0.2]}, "std must be positive"),
+])
+def test_cifar_preprocessing_options_are_checked(tmp_path, options, message):
+    with pytest.raises(UserError, match=message):  # before the (missing) data is looked for
+        build_datasets(data_cfg("cifar10", root=str(tmp_path / "nowhere"), options=options))

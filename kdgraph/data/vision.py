@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from typing import Literal
 
 import torch
@@ -20,10 +21,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FAKE_MEAN, FAKE_STD = 0.5, 0.29  # FakeData pixels are close to uniform over 0..255
 
 
-def cifar_transform(augment: bool, mean, std) -> T.Compose:
-    """Pad 4 (reflect) + random 32x32 crop + horizontal flip when ``augment``; then tensor + normalise."""
-    aug = [T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()] if augment else []
-    return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+#: ``crop`` options of the CIFAR-sized data sets: "padded" is a random 32x32 crop of the image padded by 4,
+#: "resized" torchvision's RandomResizedCrop(32) (area 8-100 %, aspect 3/4-4/3; the original Distillation
+#: project's CINIC-10 augmentation).
+Crop = Literal["padded", "resized"]
+PaddingMode = Literal["reflect", "constant"]
+CROPS, PADDING_MODES = typing.get_args(Crop), typing.get_args(PaddingMode)
+
+
+def cifar_transform(augment: bool, mean, std, crop: str = "padded", padding_mode: str = "reflect") -> T.Compose:
+    """When ``augment``: a ``crop`` (:data:`CROPS`; "padded" pads with ``padding_mode``: "reflect", or
+    "constant" zeros as RepDistiller's CIFAR-100) and a horizontal flip; then tensor + normalise."""
+    if crop not in CROPS:
+        raise UserError(f"data.options.crop must be one of {', '.join(CROPS)}, not {crop!r}")
+    if padding_mode not in PADDING_MODES:
+        raise UserError(f"data.options.padding_mode must be one of {', '.join(PADDING_MODES)}, not {padding_mode!r}")
+    for key, value in (("mean", mean), ("std", std)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"data.options.{key} must be 3 numbers (one per channel, 0..1 scale), not {value!r}")
+    if any(v <= 0 for v in std):
+        raise UserError(f"data.options.std must be positive, not {std!r}")
+    head = T.RandomCrop(32, padding=4, padding_mode=padding_mode) if crop == "padded" else T.RandomResizedCrop(32)
+    aug = [head, T.RandomHorizontalFlip()] if augment else []
+    return T.Compose([*aug, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
 
 
 def imagenet_transform(augment: bool, train: bool, image_size: int = 224) -> T.Compose:
@@ -38,32 +61,43 @@ def imagenet_transform(augment: bool, train: bool, image_size: int = 224) -> T.C
 
 
 # ---------------------------------------------------------------- CIFAR
-def _cifar(cls, name: str, root: str, train: bool, augment: bool, download: bool):
+def _cifar(cls, name: str, root: str, train: bool, augment: bool, download: bool, preprocess: dict):
     folder = cls.base_folder
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     layout = f"  {root}/\n    {folder}/\n      " + "\n      ".join(files)
     hint = f"Set `download: true` in the data block to fetch {name} into {root!r}."
+    transform = cifar_transform(train and augment, **preprocess)
     if not download:
         require_dirs(root, [folder], name, layout + "\n" + hint)
     try:
-        return cls(root, train=train, transform=cifar_transform(train and augment, CIFAR_MEAN, CIFAR_STD),
-                   download=download)
+        return cls(root, train=train, transform=transform, download=download)
     except (RuntimeError, OSError) as e:  # missing/corrupted files, or a failed download
         action = "could not be downloaded" if download else "is missing or corrupted"
         raise UserError(f"dataset {name!r} {action} under {root!r}: {e}\nExpected layout:\n{layout}\n"
                         + ("" if download else hint)) from None
 
 
-@DATASETS.register("cifar10", num_classes=10, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
-def cifar10(root: str, train: bool, augment: bool, download: bool):
-    """CIFAR-10 in torchvision's python-pickle layout (``root/cifar-10-batches-py``)."""
-    return _cifar(datasets.CIFAR10, "cifar10", root, train, augment, download)
+@DATASETS.register("cifar10", num_classes=10, input_shape=(3, 32, 32), mean=lambda mean=CIFAR_MEAN, **_: tuple(mean),
+                   std=lambda std=CIFAR_STD, **_: tuple(std))
+def cifar10(root: str, train: bool, augment: bool, download: bool, mean=CIFAR_MEAN, std=CIFAR_STD,
+            crop: Crop = "padded", padding_mode: PaddingMode = "reflect"):
+    """CIFAR-10 in torchvision's python-pickle layout (``root/cifar-10-batches-py``); options as cifar100."""
+    return _cifar(datasets.CIFAR10, "cifar10", root, train, augment, download,
+                  dict(mean=mean, std=std, crop=crop, padding_mode=padding_mode))
 
 
-@DATASETS.register("cifar100", num_classes=100, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
-def cifar100(root: str, train: bool, augment: bool, download: bool):
-    """CIFAR-100 (fine labels) in torchvision's python-pickle layout (``root/cifar-100-python``)."""
-    return _cifar(datasets.CIFAR100, "cifar100", root, train, augment, download)
+@DATASETS.register("cifar100", num_classes=100, input_shape=(3, 32, 32),
+                   mean=lambda mean=CIFAR_MEAN, **_: tuple(mean), std=lambda std=CIFAR_STD, **_: tuple(std))
+def cifar100(root: str, train: bool, augment: bool, download: bool, mean=CIFAR_MEAN, std=CIFAR_STD,
+             crop: Crop = "padded", padding_mode: PaddingMode = "reflect"):
+    """CIFAR-100 (fine labels) in torchvision's python-pickle layout (``root/cifar-100-python``).
+
+    Options: ``mean``, ``std`` (default the original Distillation project's (125.3, 123.0, 113.9)/255 and
+    (63.0, 62.1, 66.7)/255; RepDistiller and mdistiller normalise with (0.5071, 0.4867, 0.4408) and
+    (0.2675, 0.2565, 0.2761)), ``crop`` (:data:`CROPS`) and ``padding_mode`` (:data:`PADDING_MODES`).
+    """
+    return _cifar(datasets.CIFAR100, "cifar100", root, train, augment, download,
+                  dict(mean=mean, std=std, crop=crop, padding_mode=padding_mode))
 
 
 # ---------------------------------------------------------------- ImageFolder datasets
@@ -74,16 +108,21 @@ def _image_folder(root: str, split: str, name: str, transform, layout: str) -> d
         raise UserError(f"dataset {name!r}: {e}\nExpected layout:\n{layout}") from None
 
 
-@DATASETS.register("cinic10", num_classes=10, input_shape=(3, 32, 32), mean=CINIC_MEAN, std=CINIC_STD)
-def cinic10(root: str, train: bool, augment: bool, download: bool,
-            train_split: Literal["train", "train+valid"] = "train"):
-    """CINIC-10 as ImageFolders ``root/{train,valid,test}``; ``train_split`` is "train" or "train+valid"."""
+@DATASETS.register("cinic10", num_classes=10, input_shape=(3, 32, 32), mean=lambda mean=CINIC_MEAN, **_: tuple(mean),
+                   std=lambda std=CINIC_STD, **_: tuple(std))
+def cinic10(root: str, train: bool, augment: bool, download: bool, train_split: Literal["train", "train+valid"] = "train",
+            mean=CINIC_MEAN, std=CINIC_STD, crop: Crop = "padded", padding_mode: PaddingMode = "reflect"):
+    """CINIC-10 as ImageFolders ``root/{train,valid,test}``; ``train_split`` is "train" or "train+valid".
+
+    ``crop: resized`` is the original Distillation project's CINIC-10 augmentation (RandomResizedCrop(32));
+    other options as cifar100.
+    """
     if train_split not in ("train", "train+valid"):
         raise UserError(f"cinic10: options.train_split must be 'train' or 'train+valid', not {train_split!r}")
+    transform = cifar_transform(train and augment, mean, std, crop, padding_mode)
     splits = train_split.split("+") if train else ["test"]
     layout = imagefolder_layout(root, ["train", "valid", "test"])
     require_dirs(root, splits, "cinic10", layout)
-    transform = cifar_transform(train and augment, CINIC_MEAN, CINIC_STD)
     parts = [_image_folder(root, s, "cinic10", transform, layout) for s in splits]
     if len(parts) == 1:
         return parts[0]
