@@ -257,6 +257,28 @@ def test_models_lists_parameter_counts(cli):
     assert rows["wrn-16-2"]["params"] == expected
 
 
+def test_models_say_where_each_definition_comes_from(cli):
+    code, out, _ = cli(["models"])
+    lines = {l.split()[0]: l for l in out.splitlines() if l.split()}
+    assert "812,836" in lines["mobilenetv2-0.5"] and "RepDistiller MobileNetV2 (mobile_half)" in lines["mobilenetv2-0.5"]
+    assert "1,355,528" in lines["shufflev2-1.0"] and "1x1 stem" in lines["shufflev2-1.0"]
+    assert "original Distillation project" in lines["shufflenetv2-orig-1.0"]
+
+
+def test_layers_say_which_positions_auto_picks(cli):
+    code, out, _ = cli(["layers", "vgg8"])
+    assert code == 0
+    auto = out[out.index("positions: auto picks"):]
+    assert "the stages VGG declares (feature_info)" in auto
+    rules = {l.split("  ")[1].strip(): l for l in auto.splitlines()[1:] if l.strip()}
+    assert "block1, block2, block3, block4" in rules["stage outputs"] and "at" in rules["stage outputs"]
+    assert "block1.2:pre, block2.2:pre, block3.2:pre, block4.2:pre" in rules["pre-activation stage ends"]
+    assert "[sp]" in rules["last stage output"] and "block4" in rules["last stage output"]
+    assert "flatten" in rules["embedding"] and "block2    [fitnet]" in rules["middle stage output"]
+    code, out, _ = cli(["layers", "torchvision:resnet18", "--input-size", "3", "64", "64"])
+    assert "positions: auto picks (the last value of each spatial size)" in out
+
+
 # -------------------------------------------------------------------------------------- entry point
 def test_python_dash_m_help():
     env = {**os.environ, "PYTHONPATH": str(REPO)}

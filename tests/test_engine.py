@@ -274,6 +274,25 @@ def test_plain_state_dict_as_teacher_and_teacher_top1(tmp_path, cli, teacher_ckp
     assert "| k | wrn-10-1 | wrn-16-1 |" in out  # the summary table of a distillation
 
 
+def test_a_repdistiller_teacher_file_loads_and_the_log_names_its_layout(tmp_path, cli, teacher_ckpt):
+    """RepDistiller/mdistiller save ``{"model": state_dict, "epoch", "accuracy", "optimizer"}`` with their WRN
+    key names (``blockN.layer.I``, ``convShortcut``): the same teacher, the same teacher top-1."""
+    import re
+
+    theirs = {re.sub(r"^block(\d)\.(\d+)\.", r"block\1.layer.\2.", k).replace(".shortcut.", ".convShortcut."): v
+              for k, v in weights(teacher_ckpt).items()}
+    file = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": theirs, "epoch": 240, "accuracy": 60.0, "optimizer": {"state": {}}}, file)
+    code, out, err = cli(["run", write(tmp_path / "s.yaml", kd_spec("rd", {"checkpoint": str(file)})),
+                          "--runs-dir", tmp_path])
+    assert code == 0, err
+    assert "keys mapped from the RepDistiller/mdistiller/Heo et al./Distillation WRN" in \
+        (tmp_path / "rd" / "log.txt").read_text()
+    t_sum = json.loads((teacher_ckpt.parents[1] / "summary.json").read_text())
+    assert json.loads((tmp_path / "rd" / "summary.json").read_text())["teacher_top1"] == \
+        pytest.approx(t_sum["best_top1"])
+
+
 def test_from_spec_trains_the_teacher_first_then_reuses_it(tmp_path, cli):
     teacher = spec("tq", student={"model": "wrn-16-1"}, train={"epochs": 1, "max_steps_per_epoch": 3})
     student = kd_spec("sq", {"from_spec": "#tq"}, train={"epochs": 1, "max_steps_per_epoch": 2})

@@ -265,6 +265,8 @@ def cmd_layers(args) -> int:
     for r in rows:
         print(f"{r['name']:<{width}}  {r['op']:<{opw}}  {r['kind']:<8}  {'x'.join(map(str, r['shape']))}")
     print(f"\n{len(rows)} taps; NAME:pre is the input of NAME (pre-activation); block = a module's output")
+    if not args.filter:
+        _print_auto(model, rows)
     return 0
 
 
@@ -302,6 +304,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _print_auto(model, rows: list[dict]) -> None:
+    """Which taps ``positions: auto`` picks, per rule of the built-in methods."""
+    from ..losses import auto_positions
+
+    declared = any("stage" in r for r in rows)
+    rule = f"the stages {type(model).__name__} declares (feature_info)" if declared else \
+        "the last value of each spatial size"
+    print(f"\npositions: auto picks ({rule}):")
+    for group in auto_positions(rows):
+        print(f"  {group['rule']:<32} {', '.join(group['positions']) or '-'}    [{', '.join(group['methods'])}]")
+
+
 def cmd_models(args) -> int:
     from ..models import list_models
 
@@ -309,10 +323,11 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'name':<20} {'family':<14} {'params':>12}  (num_classes)")
+    print(f"{'name':<22} {'family':<18} {'params':>11}  source (parameters at {rows[0]['num_classes']} classes)")
     for r in rows:
-        print(f"{r['name']:<20} {r.get('family', ''):<14} {r['params']:>12,}  ({r.get('num_classes', '')})")
-    print("\nalso: wrn-D-K for any D = 6n+4, torchvision:NAME (any torchvision classifier), package.module:callable")
+        print(f"{r['name']:<22} {r.get('family') or '':<18} {r['params']:>11,}  {r.get('source') or ''}")
+    print("\nalso: wrn-D-K for any D = 6n+4, torchvision:NAME (any torchvision classifier), package.module:callable;"
+          "\nRepDistiller/mdistiller checkpoints of these models load as teacher.checkpoint (keys mapped)")
     return 0
 
 

@@ -226,8 +226,9 @@ def prepare_teacher(spec: specs.Spec, runs_dir: Path, num_classes: int, log: Log
     model = build_model(cfg["model"], num_classes=num_classes, weights=cfg.get("weights"), **cfg["kwargs"])
     source = _teacher_from_spec(spec, runs_dir, log, echo) if cfg.get("from_spec") else cfg.get("checkpoint")
     if source:
-        ckpt.load_weights(model, source)
-        log.line(f"teacher: {cfg['model']} weights from {source}")
+        layout = ckpt.load_weights(model, source)
+        log.line(f"teacher: {cfg['model']} weights from {source}"
+                 + (f" (keys mapped from the {layout} layout)" if layout != ckpt.OWN_LAYOUT else ""))
     elif not cfg.get("weights"):
         raise UserError("teacher: give `checkpoint`, `weights` or `from_spec`")
     for p in model.parameters():
@@ -572,7 +573,9 @@ def _models(spec: specs.Spec, info: DatasetInfo, device: torch.device, summary: 
     student = build_model(data["student"]["model"], num_classes=info.num_classes,
                           weights=data["student"].get("weights"), **data["student"]["kwargs"])
     if data["student"].get("checkpoint"):
-        ckpt.load_weights(student, data["student"]["checkpoint"])
+        layout = ckpt.load_weights(student, data["student"]["checkpoint"])
+        if layout != ckpt.OWN_LAYOUT:
+            log.line(f"student: {data['student']['checkpoint']} keys mapped from the {layout} layout")
     summary["student_params"] = param_count(student)
     summary["teacher_params"] = param_count(teacher) if teacher is not None else None
     if train["sync_bn"] and world() > 1:

@@ -30,7 +30,8 @@ for _name, _cls in [("dist", DIST), ("vid", VID), ("cc", CC), ("srrl", SRRL), ("
                     ("ab", AB)]:  # methods-B
     LOSSES.register(_name)(_cls)
 
-__all__ = ["LOSSES", "UNLABELLED", "Term", "FeatureTerm", "Outputs", "Setup", "build_terms", "functional", "probe_pairs",
+__all__ = ["LOSSES", "UNLABELLED", "Term", "FeatureTerm", "Outputs", "Setup", "auto_positions", "build_terms",
+           "functional", "probe_pairs",
            "term_params"]
 
 _COMMON = {"method", "weight", "positions", "warmup_epochs"}
@@ -88,6 +89,26 @@ def _auto(rows: list[dict], term, student: bool = False) -> list[str]:
         embedding = _embedding(rows)
         return ends + embedding if ends and embedding else []
     return ends
+
+
+_AUTO_RULES = {("all", "out"): "stage outputs", ("all", "pre"): "pre-activation stage ends",
+               ("middle", "out"): "middle stage output", ("last", "out"): "last stage output",
+               ("embedding", "out"): "embedding", ("all+embedding", "out"): "stage outputs + embedding",
+               ("all+embedding", "pre"): "pre-activation ends + embedding"}
+
+
+def auto_positions(rows: list[dict]) -> list[dict]:
+    """What ``positions: auto`` picks in a model (its :func:`~kdgraph.graph.layers` table), for each rule the
+    built-in feature methods use: ``{"rule", "methods", "positions"}``, methods sharing a rule together."""
+    groups: dict[tuple, list[str]] = {}
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        if getattr(cls, "features", None):
+            groups.setdefault((cls.auto, "out" if cls.auto == "embedding" else cls.features), []).append(name)
+    order = list(_AUTO_RULES)
+    keys = sorted(groups, key=lambda k: (order.index(k) if k in order else len(order), k))
+    return [{"rule": _AUTO_RULES.get(key, f"{key[0]} ({key[1]})"), "methods": groups[key],
+             "positions": _auto(rows, LOSSES.get(groups[key][0]))} for key in keys]
 
 
 def _embedding(rows: list[dict]) -> list[str]:
