@@ -254,6 +254,20 @@ def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2) -> Tensor:
     return (_attention_map(student_feat, p) - _attention_map(teacher_feat, p)).pow(2).mean()
 
 
+@_in_float32
+def at_distillation_project(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """mean_{a,b,x}(q_s[b,x] / |q_s[a]| - q_t[b,x] / |q_t[a]|)^2, q = sum_c f -- AT as the original Distillation
+    project's code computed it (not Zagoruyko & Komodakis' map): the *signed* channel sum (no square, no
+    absolute value), and a normalisation whose per-sample norms broadcast across the batch, so every map is
+    divided by every sample's norm ((b, b, *spatial) before the element mean). Its weight was beta/2 = 30.
+    """
+    _require_same_spatial("at_distillation_project", student_feat, teacher_feat)
+    q_s, q_t = student_feat.sum(dim=1), teacher_feat.sum(dim=1)
+    norms = (-1,) + (1,) * q_s.dim()
+    return F.mse_loss(q_s.unsqueeze(0) / q_s.flatten(1).norm(dim=1).view(norms),
+                      q_t.unsqueeze(0) / q_t.flatten(1).norm(dim=1).view(norms))
+
+
 def _similarity(feat: Tensor) -> Tensor:
     """Row-normalised batch Gram matrix of the flattened features, (b, b)."""
     flat = feat.flatten(1)

@@ -335,19 +335,30 @@ def _flag(key: str, value) -> bool:
 
 # ------------------------------------------------------------------------------------------- features
 class AT(FeatureTerm):
-    """Zagoruyko & Komodakis 2017: sum over positions of mean((a_s - a_t)^2), a = normalize(mean_c |f|^p)."""
+    """Zagoruyko & Komodakis 2017: sum over positions of mean((a_s - a_t)^2), a = normalize(mean_c |f|^p).
+
+    ``form: distillation-project`` replays the original Distillation project's code instead
+    (:func:`~kdgraph.losses.functional.at_distillation_project`: signed channel sums, normalised by a
+    broadcast across the batch; ``p`` unused), for reproducing its tables (with its weight 30 = beta/2).
+    """
 
     default_weight = 1000.0
     connect_channels = False  # attention maps average the channels away
     # Each position's loss is a mean over its H*W normalised attention values, so it scales as 1/(H*W): the
     # canonical weight holds for the group outputs of a WRN on 32x32 CIFAR images (the UI's weight hint).
     weight_map_reference = ((32, 32), (16, 16), (8, 8))
+    FORMS = ("authors", "distillation-project")
 
-    def __init__(self, weight=None, warmup_epochs=0.0, p: Positive = 2.0):
+    def __init__(self, weight=None, warmup_epochs=0.0, p: Positive = 2.0,
+                 form: Literal["authors", "distillation-project"] = "authors"):
         super().__init__(weight, warmup_epochs)
-        self.p = p
+        if form not in self.FORMS:
+            raise ValueError(f"form must be one of {', '.join(self.FORMS)}, not {form!r}")
+        self.p, self.form = p, form
 
     def forward(self, out: Outputs) -> Tensor:
+        if self.form == "distillation-project":
+            return sum(KF.at_distillation_project(s, t) for s, t in self.pairs_of(out))
         return sum(KF.at(s, t, self.p) for s, t in self.pairs_of(out))
 
 
@@ -419,6 +430,11 @@ class MarginReLU(FeatureTerm):
     through the teacher's fx graph, walking back through residual adds) of the *loaded* teacher, or are
     estimated from teacher features when no BatchNorm precedes the position. The student goes through a
     1x1 conv + BN connector; the teacher's BatchNorm uses batch statistics, as in the official code.
+
+    To replay other code: ``margin`` sets one constant margin for every channel (the original Distillation
+    project's were -0.7979 on WRN -- read from BatchNorms before its teacher was loaded -- and -1 on
+    ShuffleNet); ``teacher_bn: eval`` gives the teacher's features with its running statistics (as that
+    project's code), ``train`` (default) with batch statistics (as Heo et al.'s).
     """
 
     default_weight = 1e-3
@@ -426,8 +442,22 @@ class MarginReLU(FeatureTerm):
     always_connect = True
     teacher_bn_train = True
 
+    def __init__(self, weight=None, warmup_epochs=0.0, margin: float | None = None, teacher_bn: Literal["train", "eval"] = "train"):
+        super().__init__(weight, warmup_epochs)
+        if teacher_bn not in ("train", "eval"):
+            raise ValueError(f"teacher_bn must be 'train' (batch statistics, Heo et al.) or 'eval' (running "
+                             f"statistics), not {teacher_bn!r}")
+        if margin is not None and not margin <= 0:
+            raise ValueError(f"margin must be a number <= 0 (the mean of a negative response), not {margin!r}")
+        self.margin, self.teacher_bn = margin, teacher_bn
+        self.teacher_bn_train = teacher_bn == "train"
+
     def setup(self, ctx: Setup) -> None:
         super().setup(ctx)
+        if self.margin is not None:  # one constant for every channel of every position
+            for i, (t, _) in enumerate(self.pairs):
+                self.register_buffer(f"margin{i}", torch.full((ctx.teacher_shapes[t][0],), float(self.margin)))
+            return
         margins, missing = [], []
         for t, _ in self.pairs:
             bn = _feeding_batchnorm(ctx.teacher, ctx.teacher_node(t)) if ctx.teacher_node else None
