@@ -135,11 +135,11 @@ def test_building_at_wrn_in_the_form_gives_its_spec():
     """What a person clicks to rebuild specs/at_wrn.yaml from a new spec."""
     h = Handlers(SPECS, "runs-unused", manager=None)
     form = forms.spec_to_form(forms.NEW_SPEC)
-    form.update({"name": "at_wrn", "description": "at WRN-28-4 -> WRN-16-2 on CIFAR-100 (original reported "
-                                                  "73.10); = at_wrn-28-4_wrn-16-2.",
+    form.update({"name": "at_wrn", "description": "at WRN-28-4 -> WRN-16-2 on CIFAR-100 as the paper defines "
+                                                  "it; = at_wrn-28-4_wrn-16-2.",
                  "data.dataset": "cifar100", "data.root": "data/cifar100", "data.batch_size": 128,
                  "data.workers": 4, "teacher.model": "wrn-28-4",
-                 "teacher.from_spec": "teacher_wrn-28-4_cifar100.yaml", "student.model": "wrn-16-2",
+                 "teacher.from_spec": "original-paper/teacher_wrn-28-4_cifar100.yaml", "student.model": "wrn-16-2",
                  "train.epochs": 200, "train.optimizer.lr": 0.1, "train.schedule.name": "multistep",
                  "train.schedule.milestones": "60, 120, 160", "train.schedule.gamma": 0.2})
     form["loss.0.weight"] = "1.0"

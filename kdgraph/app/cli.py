@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import SpecError, UserError
 from .rundir import STOPPED
@@ -47,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"kdgraph {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _run_parser(sub)
-    _specs_arg(sub.add_parser("validate", help="check specs: schema, models, layer names, methods"))
+    _specs_arg(sub.add_parser("validate", help="check specs (files, or folders searched for *.yaml): schema, "
+                                               "models, layer names, methods"))
     sub.add_parser("schema", help="print the spec JSON Schema")
     p = sub.add_parser("layers", help="list a model's tappable layers with their shapes")
     p.add_argument("model", help="registry name, torchvision:NAME or package.module:callable")
@@ -155,7 +157,8 @@ def cmd_validate(args) -> int:
     from ..spec.check import validate
 
     problems, count = [], 0
-    for file in args.spec:
+    files = [f for path in args.spec for f in (sorted(Path(path).rglob("*.y*ml")) if Path(path).is_dir() else [path])]
+    for file in files:
         found, n = validate(file, args.overrides)
         problems += found
         count += n

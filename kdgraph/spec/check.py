@@ -8,6 +8,8 @@ combine are reported before any work.
 """
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import torch
@@ -57,6 +59,20 @@ def meta_model(cfg: dict, num_classes: int):
         return build_model(cfg["model"], num_classes=num_classes, **(cfg.get("kwargs") or {}))
 
 
+@functools.lru_cache(maxsize=128)
+def _layers(model: str, kwargs_json: str, num_classes: int, input_shape: tuple, leaf: tuple) -> tuple:
+    """A model's layers table, once per process for each model, options and input (a spec set names the
+    same few models hundreds of times)."""
+    cfg = {"model": model, "kwargs": json.loads(kwargs_json)}
+    return tuple(layers(meta_model(cfg, num_classes), input_shape, leaf_modules=list(leaf)))
+
+
+def model_layers(cfg: dict, num_classes: int, input_shape: tuple, leaf) -> list[dict]:
+    """:func:`kdgraph.graph.layers` of the model ``cfg`` names (built on the meta device), memoised."""
+    kwargs = json.dumps(cfg.get("kwargs") or {}, sort_keys=True, default=str)
+    return [dict(r) for r in _layers(cfg["model"], kwargs, num_classes, tuple(input_shape), tuple(leaf))]
+
+
 def check(spec: Spec, _chain: tuple = ()) -> list[tuple]:
     """Problems of ``spec`` beyond its schema, as ``(file, line, col, key path, message)``."""
     from ..data.labels import check_labels, labels_kept
@@ -77,7 +93,7 @@ def check(spec: Spec, _chain: tuple = ()) -> list[tuple]:
         try:
             models[role] = meta_model(cfg, info[0] if info else 10)
             if info is not None:
-                rows[role] = layers(models[role], info[1], leaf_modules=leaf)
+                rows[role] = model_layers(cfg, info[0], info[1], leaf)
         except UserError as e:
             problems.append(spec.problem((role, "model"), str(e)))
             continue
