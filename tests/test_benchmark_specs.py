@@ -80,19 +80,26 @@ def data(file: Path) -> dict:
     return s.data
 
 
+KD_LS = {"wrn-40-2_wrn-16-2": 76.11, "resnet32x4_resnet8x4": 76.62}  # Sun et al. 2024 (literature.md)
+DIST = {"resnet32x4_resnet8x4": 76.31}  # Huang et al. 2022 (literature.md)
+#: the specs of each pair: a method of kdgraph each (kd_ls: kd with standardize: true)
+SPEC_METHODS = {"kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "dkd", "reviewkd", "dist",
+                "kd_ls", "srrl", "margin_relu"}
+
+
 def methods_kdgraph_has() -> list[str]:
-    return [m for m in LOSSES.names() if m != "ce" and (RD / "wrn-40-2_wrn-16-2" / f"{m}.yaml").exists()]
+    return sorted(m for m in SPEC_METHODS if m.split("_")[0] in LOSSES or m in LOSSES)
 
 
-def test_every_pair_has_every_method_and_repdistillers_table():
+def test_every_pair_has_every_method_and_the_published_numbers():
     assert {p.name for p in RD.iterdir() if p.is_dir()} == set(PAIRS) | {"vanilla"}
-    have = set(methods_kdgraph_has())
-    assert {"kd", "fitnet", "at", "sp", "nst", "pkt", "rkd", "crd", "dkd", "reviewkd", "margin_relu"} <= have
+    assert SPEC_METHODS <= set(LOSSES.names()) | {"kd_ls"}
     for folder in PAIRS:
-        assert {f.stem for f in (RD / folder).glob("*.yaml")} == have, folder
-        for method in have:
+        assert {f.stem for f in (RD / folder).glob("*.yaml")} == SPEC_METHODS, folder
+        for method in SPEC_METHODS:
             published = dict(zip(COLUMNS, TABLE[folder])).get(method)
-            published = {"dkd": DKD, "reviewkd": REVIEWKD}.get(method, {}).get(folder, published)
+            published = {"dkd": DKD, "reviewkd": REVIEWKD, "kd_ls": KD_LS, "dist": DIST}.get(
+                method, {}).get(folder, published)
             expect = data(RD / folder / f"{method}.yaml").get("expect")
             assert (expect or {}).get("top1") == published, f"{folder}/{method}"
 
@@ -126,6 +133,13 @@ def test_each_method_runs_as_repdistiller_runs_it(method):
         loss = {t["method"]: t for t in data(RD / folder / f"{method}.yaml")["loss"]}
         assert loss["ce"]["weight"] == (0.1 if method == "kd" else 1.0)
         assert loss[method]["weight"] == WEIGHTS[method]
+
+
+def test_kd_ls_is_kd_on_standardized_logits_with_its_authors_recipe():
+    for folder in PAIRS:
+        ce, kd = data(RD / folder / "kd_ls.yaml")["loss"]
+        assert (ce["weight"], kd["method"], kd["weight"], kd["temperature"], kd["standardize"]) == \
+            (0.1, "kd", 9, 2, True)
 
 
 def test_dkd_and_reviewkd_per_pair_settings():
