@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -44,8 +45,8 @@ def write_sweep_spec(tmp_path: Path, sweep_block: str, text: str = TINY, name: s
 
 
 def fake_run(run_dir: Path, *, best=None, status="finished", teacher=None, student="wrn-16-2", methods=("ce",),
-             teacher_top1=None, dataset="cifar100", epochs=3, name="x"):
-    """A run directory as ``kdgraph run`` leaves it: metrics.jsonl and summary.json."""
+             teacher_top1=None, dataset="cifar100", epochs=3, name="x", **extra):
+    """A run directory as ``kdgraph run`` leaves it: metrics.jsonl and summary.json (``extra`` keys added)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done = epochs if status == "finished" else 1
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -54,7 +55,7 @@ def fake_run(run_dir: Path, *, best=None, status="finished", teacher=None, stude
         f.write('{"epoch": 9, "lo')  # a line still being written
     summary = {"name": name, "status": status, "epochs": epochs, "epochs_done": done, "best_top1": best,
                "best_epoch": done, "final_top1": best, "teacher_top1": teacher_top1, "teacher": teacher,
-               "student": student, "methods": list(methods), "wall_seconds": 3725.0, "dataset": dataset}
+               "student": student, "methods": list(methods), "wall_seconds": 3725.0, "dataset": dataset, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -138,29 +139,60 @@ def test_grid_from_fabricated_cells(tmp_path):
     fake_run(sweep_dir / "lr=0.4,seed=0", best=60.0, status="stopped")
     # lr=0.4,seed=1 never ran
 
+    # the seeds are not a dimension: each lr shows mean ± std (sample std) over its seeds, n the finished ones
     table = write_grid(sweep_dir, echo=None)
-    assert table == markdown_table(["lr \\ seed", "0", "1"], [["0.1", "71.23", "72.50"], ["0.2", "failed", "failed"],
-                                                              ["0.4", "60.00*", ""]])
-    assert table in (sweep_dir / "grid.md").read_text() and "unfinished" in (sweep_dir / "grid.md").read_text()
+    expected = [["0.1", "71.87 ± 0.90 (n=2)"], ["0.2", "failed"], ["0.4", "60.00 (n=1)*"]]
+    assert table == markdown_table(["lr", "best top-1"], expected)
+    md = (sweep_dir / "grid.md").read_text()
+    assert table in md and "unfinished" in md and "mean ± std over 2 seeds" in md
     rows = list(csv.reader(open(sweep_dir / "grid.csv")))
-    assert rows == [["lr \\ seed", "0", "1"], ["0.1", "71.23", "72.50"], ["0.2", "failed", "failed"],
-                    ["0.4", "60.00*", ""]]
+    assert rows == [["lr", "best top-1"], *expected]
+    assert grid_table(sweep_dir)["values"] == [[pytest.approx(71.867)], [None], [60.0]]
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == PNG
     # a cell fixed by hand after its failure counts again
     fake_run(sweep_dir / "lr=0.2,seed=1", best=70.0)
-    assert "70.00" in write_grid(sweep_dir, echo=None)
+    assert "70.00 (n=1) (1 failed)" in write_grid(sweep_dir, echo=None)
 
 
 def test_grid_folds_extra_keys_into_rows(tmp_path):
-    axes = sweep.parse_sweep({"loss.0.weight": [1, 2], "train.seed": [0], "train.epochs": [5, 6]})
+    axes = sweep.parse_sweep({"loss.0.weight": [1, 2], "data.batch_size": [32], "train.epochs": [5, 6]})
     sweep_dir = tmp_path / "g"
     sweep_dir.mkdir()
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("g", "g.yaml", [], axes,
                                                                             sweep.grid_cells(axes))))
-    fake_run(sweep_dir / "weight=2,seed=0,epochs=6", best=50.0)
+    fake_run(sweep_dir / "weight=2,batch_size=32,epochs=6", best=50.0)
     grid = grid_table(sweep_dir)
-    assert grid["header"] == ["weight, epochs \\ seed", "0"]
+    assert grid["header"] == ["weight, epochs \\ batch_size", "32"]
     assert grid["rows"] == [["1, epochs=5", ""], ["1, epochs=6", ""], ["2, epochs=5", ""], ["2, epochs=6", "50.00"]]
+
+
+def test_a_seed_axis_alone_and_with_two_others(tmp_path):
+    axes = sweep.parse_sweep({"train.seed": [0, 1, 2]})
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("s", "s.yaml", [], axes, sweep.grid_cells(axes))))
+    for seed, best in enumerate((70.0, 72.0, 74.0)):
+        fake_run(sweep_dir / f"seed={seed}", best=best)
+    grid = grid_table(sweep_dir)
+    assert (grid["header"], grid["rows"]) == (["seeds", "best top-1"], [["3 seeds", "72.00 ± 2.00 (n=3)"]])
+    axes = sweep.parse_sweep({"loss.1.weight": [1, 2], "train.seed": [0, 1], "loss.1.temperature": [4, 8]})
+    assert [len(a.values) for a in axes] == [2, 2, 2] and len(sweep.grid_cells(axes)) == 8
+    sweep_dir = tmp_path / "w"
+    sweep_dir.mkdir()
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.sweep_record("w", "w.yaml", [], axes, sweep.grid_cells(axes))))
+    fake_run(sweep_dir / "weight=2,seed=0,temperature=8", best=60.0)
+    fake_run(sweep_dir / "weight=2,seed=1,temperature=8", best=62.0)
+    grid = grid_table(sweep_dir)  # the seed axis was the columns' axis: the next one takes its place
+    assert grid["header"] == ["weight \\ temperature", "4", "8"]
+    assert grid["rows"][1] == ["2", "", "61.00 ± 1.41 (n=2)"]
+
+
+def test_seeds_option():
+    assert sweep.parse_seeds("3") == [0, 1, 2] and sweep.parse_seeds("0,3,7") == [0, 3, 7]
+    assert sweep.parse_seeds("5,") == [5]
+    for bad in ("x", "0", "1,1", ""):
+        with pytest.raises(UserError, match="--seeds"):
+            sweep.parse_seeds(bad)
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -208,6 +240,54 @@ def test_report_on_a_sweep_dir_refreshes_its_grid(tmp_path):
     assert [r["name"] for r in out["runs"]] == ["seed=1"]
     assert out["pivots"] == [] and out["grids"] == [sweep_dir]
     assert "40.00" in (sweep_dir / "grid.md").read_text() and (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_aggregates_seeds_and_shows_the_published_number(tmp_path):
+    runs = tmp_path / "runs"
+    expect = {"top1": 74.92, "source": "RepDistiller README", "metric": "best_top1"}
+    for seed, best in enumerate((74.0, 75.0, 76.0)):  # a spec's `seeds:` runs: one group
+        fake_run(runs / f"kd-seed{seed}", best=best, teacher="wrn-40-2", methods=("ce", "kd"), teacher_top1=75.61,
+                 seed=seed, group="kd", expect=expect)
+    fake_run(runs / "kd-t8", best=73.0, teacher="wrn-40-2", methods=("ce", "kd"), teacher_top1=75.61, seed=0)
+    for seed, best in enumerate((73.0, 73.5)):
+        fake_run(runs / f"alone-seed{seed}", best=best, seed=seed, group="alone")
+    lines = []
+    out = report([str(runs / "*")], echo=lines.append)
+    printed = "\n".join(lines)
+
+    (pivot,) = out["pivots"]
+    assert pivot["rows"] == [["wrn-40-2", "wrn-16-2", "75.61", "73.25 ± 0.35 (n=2)", "75.00 ± 1.00 (n=3) (best of 2)"]]
+    md = (runs / "report.md").read_text()
+    assert "## Repeated runs" in md and "Repeated runs (mean ± std over seeds)" in printed
+    repeated = [l for l in md.split("## Repeated runs")[1].splitlines() if l.startswith("| kd ")]
+    assert len(repeated) == 1 and "| 0,1,2 " in repeated[0] and "| 3 " in repeated[0]
+    assert "75.00 ± 1.00" in repeated[0] and "74.92" in repeated[0] and "+0.08" in repeated[0]
+    row = next(l for l in md.splitlines() if l.startswith("| kd-seed0 "))
+    assert "74.92" in row and "-0.92" in row  # the run beside the published number, and the difference
+    rows = {r["name"]: r for r in csv.DictReader(open(runs / "report.csv"))}
+    assert (rows["kd-seed2"]["seed"], rows["kd-seed2"]["group"], rows["kd-seed2"]["expected_top1"]) == \
+        ("2", "kd", "74.92")
+
+
+def test_a_three_seed_digits_sweep_and_its_report(tmp_path, monkeypatch, cli):
+    """`kdgraph sweep SPEC --seeds 3`, then `kdgraph report` of it: mean ± std over the three seeds."""
+    pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "seeds.yaml"
+    spec.write_text(TINY.replace("tiny_grid", "seeds") + 'expect: {top1: 50.0, source: "a test"}\n')
+    code, out, err = cli(["sweep", spec, "--seeds", "3", "--jobs", "2"])
+    assert code == 0, err
+    info = json.loads(Path("runs/seeds/sweep.json").read_text())
+    assert info["keys"] == ["train.seed"] and sorted(info["cells"]) == ["seed=0", "seed=1", "seed=2"]
+    code, out, err = cli(["report", "runs/seeds"])
+    assert code == 0, err
+    bests = [json.loads(Path(f"runs/seeds/seed={k}/summary.json").read_text())["best_top1"] for k in range(3)]
+    mean = sum(bests) / 3
+    std = (sum((b - mean) ** 2 for b in bests) / 2) ** 0.5
+    assert f"{mean:.2f} ± {std:.2f} (n=3)" in out  # the grid
+    repeated = next(l for l in out.split("Repeated runs")[1].splitlines() if l.startswith("| seeds "))
+    assert "| 0,1,2 " in repeated and f"{mean:.2f} ± {std:.2f}" in repeated and f"{mean - 50:+.2f}" in repeated
+    assert "published" in out.splitlines()[0]
 
 
 def test_pivot_needs_distillation_runs():
@@ -270,7 +350,7 @@ def test_runner_skips_resumes_forces_and_records_failures(tmp_path, monkeypatch)
     assert first["lr=0.2,seed=0"]["sets"] == ["data.batch_size=32", "train.optimizer.lr=0.2", "train.seed=0",
                                               "sweep=null"]
     assert "FAILED (exit 1): RuntimeError: boom" in "\n".join(printed)
-    assert "| 0.2       | 70.00 | failed |" in printed[-1]
+    assert re.search(r"\| 0\.2 +\| 70\.00 \(n=1\) \(1 failed\) +\|", printed[-1])  # seeds aggregated
     assert "fake engine lr=0.2,seed=1" in (sweep_dir / "lr=0.2,seed=1" / "sweep.log").read_text()
     info = json.loads((sweep_dir / "sweep.json").read_text())
     assert info["cells"]["lr=0.2,seed=1"]["exit"] == 1 and info["keys"] == ["train.optimizer.lr", "train.seed"]
@@ -348,7 +428,7 @@ def test_end_to_end_sweep_with_resume_and_a_failing_value(tmp_path, monkeypatch)
     printed = []
     sweep_dir = sweep.run_sweep(spec_file.name, jobs=2, echo=printed.append)
     assert sweep_dir == Path("runs/tiny_grid")
-    assert "| 1e+30     | failed | failed |" in printed[-1], printed[-1]
+    assert re.search(r"\| 1e\+30 +\| failed +\|", printed[-1])
     for seed in (0, 1):
         summary = json.loads((sweep_dir / f"lr=0.05,seed={seed}" / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["epochs_done"] == 1
@@ -365,8 +445,8 @@ def test_end_to_end_sweep_with_resume_and_a_failing_value(tmp_path, monkeypatch)
     assert log.count("===") == 2 and log.splitlines()[0].count("--resume") == 0 and "--resume" in log
     table = printed[-1]
     print(table)
-    assert table.splitlines()[0].startswith("| lr \\ seed") and "| 1e+30     | failed | failed |" in table
+    assert re.match(r"\| lr +\| best top-1", table.splitlines()[0]) and re.search(r"\| 1e\+30 +\| failed +\|", table)
     row = next(line for line in table.splitlines() if line.startswith("| 0.05"))
-    assert all(float(v) >= 0 for v in row.strip("| ").split(" | ")[1:])  # both cells have a number
+    assert re.search(r"\d+\.\d\d ± \d+\.\d\d \(n=2\)", row)  # both seeds have a number: mean ± std
     assert (sweep_dir / "heatmap.png").read_bytes()[:8] == PNG
     assert "failed" in (sweep_dir / "grid.csv").read_text()

@@ -31,7 +31,7 @@ student: {model: wrn-10-1}
 train: {epochs: 1, max_steps_per_epoch: 3}
 log: {tensorboard: false}
 sweep:
-  train.seed: [0, 1]
+  train.optimizer.lr: [0.05, 0.1]
 """
 
 
@@ -131,7 +131,7 @@ def test_client_runs_a_sweep_and_gets_its_heatmap(app):
     message = client.predict("e2e-sweep.yaml", api_name="/start_sweep")[0]
     assert message.startswith("sweep e2e-sweep: ")
     view = poll(lambda: client.predict("e2e-sweep", api_name="/sweep_status"), lambda v: v["heatmap"] is not None)
-    assert view["header"] == ["seed", "best top-1"] and [r[0] for r in view["rows"]] == ["0", "1"]
+    assert view["header"] == ["lr", "best top-1"] and [r[0] for r in view["rows"]] == ["0.05", "0.1"]
     assert all(r[1] for r in view["rows"]) and "2 cells: 2 finished" in view["markdown"]
     assert Path(view["heatmap"]).exists()
 

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="cells at a time on CPU (default 1)")
     p.add_argument("--devices", default=None, help="GPU ids for cells, e.g. 0,1, or cpu (default: all visible GPUs)")
     p.add_argument("--force", action="store_true", help="re-run finished cells")
+    p.add_argument("--seeds", default=None, metavar="N|A,B,...", help="run every cell once per seed (5: seeds "
+                   "0..4; 0,3,7: those); the grid and report show mean ± std over them")
     p = sub.add_parser("report", help="tables and learning curves of run directories")
     p.add_argument("runs", nargs="+", help="run or sweep directories, or globs")
     p.add_argument("--out", help="where report.md/csv and curves.png go")
@@ -336,10 +338,10 @@ def cmd_models(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .grid import read_sweep
-    from .sweep import run_sweep
+    from .sweep import parse_seeds, run_sweep
 
     sweep_dir = run_sweep(args.spec, args.overrides, jobs=args.jobs, devices=args.devices, runs_dir=args.runs_dir,
-                          force=args.force)
+                          force=args.force, seeds=parse_seeds(args.seeds) if args.seeds is not None else None)
     failed = [name for name, cell in ((read_sweep(sweep_dir) or {}).get("cells") or {}).items()
               if cell.get("exit") not in (None, 0)]
     return 1 if failed else 0  # the cells that failed are listed above

@@ -380,7 +380,8 @@ def _first_summary(spec: specs.Spec, previous: dict | None) -> dict:
                "methods": [t["method"] for t in data["loss"]], "epochs": data["train"]["epochs"],
                "epochs_done": 0, "best_top1": None, "best_epoch": None, "final_top1": None,
                "teacher_top1": previous.get("teacher_top1") if previous is not None else None,
-               "seed": data["train"]["seed"], **({"group": spec.group} if spec.group else {})}
+               "seed": data["train"]["seed"], **({"group": spec.group} if spec.group else {}),
+               **({"expect": data["expect"]} if data.get("expect") else {})}
     if previous is not None:
         summary.update({k: previous[k] for k in ("epochs_done", "best_top1", "best_epoch", "final_top1")
                         if previous.get(k) is not None})

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
-from .format import markdown_table, write_csv
+from .format import markdown_table, mean_std, pct_spread, write_csv
 from .rundir import STOPPED, RunDir, read_json, write_json
 
 SWEEP_FILE = RunDir.SWEEP
+SEED_KEY = "train.seed"  # a sweep axis of seeds: aggregated (mean ± std), not a dimension of the grid
 
 
 def read_sweep(sweep_dir: str | Path) -> dict | None:
@@ -56,36 +57,65 @@ def _cell_text(state: str, best: float | None) -> str:
     return f"{best:.2f}" + ("*" if state == "unfinished" else "")
 
 
+def _seeds_text(results: list[tuple[str, float | None]]) -> tuple[str, float | None, str]:
+    """``(text, mean, state)`` of one grid position over its seeds: ``mean ± std (n=K)``."""
+    if len(results) == 1:
+        state, best = results[0]
+        return _cell_text(state, best), (best if state != "failed" else None), state
+    bests = [b for st, b in results if st != "failed" and b is not None]
+    failed = sum(st == "failed" for st, _ in results)
+    if not bests:
+        return ("failed" if failed else ""), None, "failed" if failed else "not run"
+    mean, _, n = mean_std(bests)
+    state = "unfinished" if any(st in ("unfinished", "not run") for st, _ in results) else "finished"
+    text = f"{pct_spread(bests)} (n={n})" + ("*" if state == "unfinished" else "") + \
+        (f" ({failed} failed)" if failed else "")
+    return text, mean, state
+
+
 def grid_table(sweep_dir: str | Path) -> dict:
-    """The grid of a sweep dir as ``{"header", "rows" (texts), "values" (floats or None), "states", ...}``."""
+    """The grid of a sweep dir as ``{"header", "rows" (texts), "values" (floats or None), "states" (per
+    position), "cell_states" (per cell run), ...}``.
+
+    A ``train.seed`` axis is not a dimension: each position shows ``mean ± std (n=K)`` of its cells'
+    best top-1 over the seeds (the values: the means).
+    """
     sweep_dir = Path(sweep_dir)
     info = read_sweep(sweep_dir)
     if not info:
         raise UserError(f"{sweep_dir}: no {SWEEP_FILE} here (not a sweep directory)")
-    labels, vlabels = info["labels"], info["value_labels"]
-    by_index = {tuple(c["index"]): (name, c) for name, c in info["cells"].items()}
+    seeded = [i for i, key in enumerate(info["keys"]) if key == SEED_KEY]
+    axes = [i for i in range(len(info["keys"])) if i not in seeded]
+    labels = [info["labels"][i] for i in axes]
+    vlabels = [info["value_labels"][i] for i in axes]
+    groups: dict[tuple, list] = {}
+    for name, c in info["cells"].items():
+        groups.setdefault(tuple(c["index"][i] for i in axes), []).append(cell_result(sweep_dir / name, c))
     n_cols = len(vlabels[1]) if len(labels) > 1 else 1
     extra = list(range(2, len(labels)))
-    row_keys = list(itertools.product(range(len(vlabels[0])), *(range(len(vlabels[k])) for k in extra)))
+    row_keys = list(itertools.product(*(range(len(vlabels[k])) for k in [0, *extra]))) if labels else [()]
 
-    header = [", ".join([labels[0]] + [labels[k] for k in extra]) + (f" \\ {labels[1]}" if len(labels) > 1 else "")]
+    title = ", ".join([labels[0]] + [labels[k] for k in extra]) if labels else "seeds"
+    header = [title + (f" \\ {labels[1]}" if len(labels) > 1 else "")]
     header += list(vlabels[1]) if len(labels) > 1 else ["best top-1"]
     rows, values, states = [], [], []
     for rk in row_keys:
-        label = ", ".join([vlabels[0][rk[0]]] + [f"{labels[k]}={vlabels[k][i]}" for k, i in zip(extra, rk[1:])])
+        label = ", ".join([vlabels[0][rk[0]]] + [f"{labels[k]}={vlabels[k][i]}" for k, i in zip(extra, rk[1:])]) \
+            if labels else f"{len(info['values'][seeded[0]])} seeds" if seeded else "all"
         texts, nums, sts = [label], [], []
         for col in range(n_cols):
-            index = (rk[0], col, *rk[1:]) if len(labels) > 1 else (rk[0],)
-            name, record = by_index[index]
-            state, best = cell_result(sweep_dir / name, record)
-            texts.append(_cell_text(state, best))
-            nums.append(best if state != "failed" else None)
+            index = (rk[0], col, *rk[1:]) if len(labels) > 1 else tuple(rk)
+            text, value, state = _seeds_text(groups.get(index, [("not run", None)]))
+            texts.append(text)
+            nums.append(value)
             sts.append(state)
         rows.append(texts)
         values.append(nums)
         states.append(sts)
     return {"name": info["name"], "header": header, "rows": rows, "values": values, "states": states,
-            "row_title": header[0].split(" \\ ")[0], "col_title": labels[1] if len(labels) > 1 else ""}
+            "row_title": header[0].split(" \\ ")[0], "col_title": labels[1] if len(labels) > 1 else "",
+            "seeds": len(info["values"][seeded[0]]) if seeded else 1,
+            "cell_states": [state for results in groups.values() for state, _ in results]}
 
 
 def write_grid(sweep_dir: str | Path, echo: Callable[[str], Any] | None = print) -> str:
@@ -96,7 +126,8 @@ def write_grid(sweep_dir: str | Path, echo: Callable[[str], Any] | None = print)
     notes = []
     if any("unfinished" in s for s in grid["states"]):
         notes.append("\\* unfinished: best top-1 so far.")
-    text = f"Best test top-1 (%) of sweep {grid['name']}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
+    over = f", mean ± std over {grid['seeds']} seeds (n: the finished ones)" if grid["seeds"] > 1 else ""
+    text = f"Best test top-1 (%) of sweep {grid['name']}{over}.\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
     (sweep_dir / "grid.md").write_text(text)
     write_csv(sweep_dir / "grid.csv", grid["header"], grid["rows"])
     _heatmap(grid, sweep_dir / "heatmap.png")
@@ -131,12 +162,14 @@ def _heatmap(grid: dict, path: Path) -> None:
                 ax.text(c, r, "failed", ha="center", va="center", color="firebrick", fontweight="bold",
                         bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 2})
             elif text:
-                ax.text(c, r, text, ha="center", va="center", color="white" if vals[r, c] < mid else "black")
+                ax.text(c, r, text.replace(" (", "\n("), ha="center", va="center", fontsize="small" if "±" in text
+                        else None, color="white" if vals[r, c] < mid else "black")
     ax.set_xticks(range(n_cols), grid["header"][1:])
     ax.set_yticks(range(n_rows), [row[0] for row in grid["rows"]])
     ax.set_xlabel(grid["col_title"])
     ax.set_ylabel(grid["row_title"])
-    ax.set_title(f"{grid['name']}: best test top-1 (%)", fontsize=10)
+    ax.set_title(f"{grid['name']}: best test top-1 (%)" + (f", mean over {grid['seeds']} seeds" if grid["seeds"] > 1
+                                                            else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

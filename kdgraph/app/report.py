@@ -5,6 +5,10 @@
 pivot laid out like the original project's results tables: one row per teacher/student pair with the
 teacher's accuracy and the student trained alone (a ``ce``-only run without teacher), one column per
 distillation method, each cell the best test top-1.
+
+Runs that differ only in their seed -- the runs of a spec's ``seeds:`` (their summary's ``group``) or the
+cells of a sweep over ``train.seed`` -- are aggregated: ``mean ± std (n=K)`` in the pivots and in a table
+of their own. A run whose spec has ``expect`` (a published number) is shown beside it, with the difference.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import UserError
-from .format import duration, markdown_table, pct, write_csv
-from .grid import SWEEP_FILE, read_sweep, write_grid
+from .format import duration, markdown_table, mean_std, pct, pct_spread, write_csv
+from .grid import SEED_KEY, SWEEP_FILE, read_sweep, write_grid
 from .rundir import RunDir
 
 # the original project's column order first; other methods follow in order of appearance
@@ -50,6 +54,19 @@ def select_runs(paths: Iterable[str]) -> tuple[list[Path], list[Path], list[str]
     return list(runs), list(sweeps), notes
 
 
+def sweep_seed_groups(sweep_dirs: Iterable[Path]) -> dict[Path, str]:
+    """The group of each cell of a sweep over ``train.seed``: the sweep's name and the cell's other values."""
+    groups = {}
+    for sweep_dir in sweep_dirs:
+        info = read_sweep(sweep_dir) or {}
+        if SEED_KEY not in info.get("keys", []):
+            continue
+        for name, cell in info.get("cells", {}).items():
+            rest = ",".join(f"{k}={v}" for k, v in cell.get("values", {}).items() if k != SEED_KEY)
+            groups[sweep_dir / name] = info["name"] + (f"/{rest}" if rest else "")
+    return groups
+
+
 def _common_parent(dirs: Sequence[Path]) -> Path:
     try:
         parent = Path(os.path.commonpath([str(d.resolve().parent) for d in dirs]))
@@ -61,27 +78,73 @@ def _common_parent(dirs: Sequence[Path]) -> Path:
 # --------------------------------------------------------------------------------------------- rows
 RUN_COLUMNS = ["name", "teacher", "student", "methods", "teacher top-1", "best top-1", "final top-1",
                "epochs", "wall time", "status"]
+EXPECT_COLUMNS = ["published", "diff"]  # added when a run has a published number (its spec's expect)
 CSV_COLUMNS = ["name", "teacher", "student", "methods", "teacher_top1", "best_top1", "final_top1",
-               "epochs_done", "epochs", "wall_seconds", "status", "dataset", "path"]
+               "epochs_done", "epochs", "wall_seconds", "status", "dataset", "seed", "group", "expected_top1",
+               "path"]
 
 
-def run_record(run_dir: Path, name: str) -> dict:
-    """The report's facts about one run, from its summary."""
+def run_record(run_dir: Path, name: str, group: str | None = None) -> dict:
+    """The report's facts about one run, from its summary; ``group`` names the runs it repeats with other
+    seeds (default: its summary's ``group``, else its own name)."""
     rd = RunDir(run_dir)
     s = rd.summary()
+    expect = s.get("expect") if isinstance(s.get("expect"), dict) else None
     return {"name": name, "path": str(run_dir), "teacher": s.get("teacher"), "student": s.get("student"),
             "methods": list(s.get("methods") or []), "teacher_top1": s.get("teacher_top1"),
             "best_top1": rd.best_top1(s), "final_top1": s.get("final_top1"),
             "epochs_done": s.get("epochs_done"), "epochs": s.get("epochs"),
             "wall_seconds": s.get("wall_seconds"), "status": s.get("status") or "unknown",
-            "dataset": s.get("dataset")}
+            "dataset": s.get("dataset"), "seed": s.get("seed"), "group": group or s.get("group") or name,
+            "expected_top1": expect.get("top1") if expect else None,
+            "expect_metric": (expect.get("metric") or "best_top1") if expect else None,
+            "expect_source": expect.get("source") if expect else None}
 
 
-def _run_row(r: dict) -> list[str]:
+def _diff(measured: float | None, expected: float | None) -> str:
+    return f"{measured - expected:+.2f}" if isinstance(measured, (int, float)) and expected is not None else ""
+
+
+def _run_row(r: dict, published: bool) -> list[str]:
     epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '?'}/{r['epochs'] or '?'}"
-    return [r["name"], r["teacher"] or "", r["student"] or "", "+".join(r["methods"]),
-            pct(r["teacher_top1"]), pct(r["best_top1"]), pct(r["final_top1"]), epochs,
-            duration(r["wall_seconds"]), r["status"]]
+    row = [r["name"], r["teacher"] or "", r["student"] or "", "+".join(r["methods"]),
+           pct(r["teacher_top1"]), pct(r["best_top1"]), pct(r["final_top1"]), epochs,
+           duration(r["wall_seconds"]), r["status"]]
+    if published:
+        row += [pct(r["expected_top1"]), _diff(r.get(r["expect_metric"] or "best_top1"), r["expected_top1"])]
+    return row
+
+
+def seed_groups(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """The records by group (runs that differ only in their seed), in order of appearance."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r.get("group") or r.get("name"), []).append(r)
+    return groups
+
+
+GROUP_COLUMNS = ["runs", "teacher", "student", "methods", "seeds", "n", "teacher top-1", "best top-1",
+                 "final top-1"]
+
+
+def group_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table of repeated runs: one row per group of two or more, accuracies as ``mean ± std``, with
+    the published number and the difference of the mean from it when the runs have one."""
+    groups = [runs for runs in seed_groups(records).values() if len(runs) > 1]
+    published = any(r["expected_top1"] is not None for runs in groups for r in runs)
+    header = GROUP_COLUMNS + (EXPECT_COLUMNS if published else [])
+    rows = []
+    for runs in groups:
+        first = runs[0]
+        finished = [r for r in runs if r["best_top1"] is not None]
+        row = [first["group"], first["teacher"] or "", first["student"] or "", "+".join(first["methods"]),
+               ",".join(str(r["seed"]) if r["seed"] is not None else "?" for r in runs), str(len(finished)),
+               *(pct_spread([r[k] for r in runs]) for k in ("teacher_top1", "best_top1", "final_top1"))]
+        if published:
+            mean = mean_std([r.get(first["expect_metric"] or "best_top1") for r in runs])[0]
+            row += [pct(first["expected_top1"]), _diff(mean, first["expected_top1"])]
+        rows.append(row)
+    return header, rows
 
 
 def method_label(methods: Sequence[str]) -> str:
@@ -92,8 +155,8 @@ def method_label(methods: Sequence[str]) -> str:
 def pivot_tables(records: Sequence[dict]) -> list[dict]:
     """Per dataset, the original project's layout: ``{"dataset", "header", "rows"}``; [] without KD runs.
 
-    A cell is the best top-1 over the runs of that pair and method (``(best of N)`` when several,
-    ``*`` when that run is unfinished).
+    A cell is the best top-1 of the runs of that pair and method, ``mean ± std (n=K)`` over the seeds of a
+    group (the group with the best mean when several: ``(best of N)``; ``*`` when a run is unfinished).
     """
     distilled = [r for r in records if r["teacher"] and method_label(r["methods"]) and r["best_top1"] is not None]
     tables = []
@@ -116,11 +179,15 @@ def pivot_tables(records: Sequence[dict]) -> list[dict]:
 
 
 def _best_text(runs: Sequence[dict]) -> str:
+    """The best group of ``runs``: its mean ± std (n=K) over seeds, or its one run's best top-1."""
     if not runs:
         return ""
-    best = max(runs, key=lambda r: r["best_top1"])
-    text = pct(best["best_top1"]) + ("*" if best["status"] != "finished" else "")
-    return text + (f" (best of {len(runs)})" if len(runs) > 1 else "")
+    groups = list(seed_groups(runs).values())
+    best = max(groups, key=lambda g: mean_std([r["best_top1"] for r in g])[0])
+    values = [r["best_top1"] for r in best]
+    text = pct_spread(values) + (f" (n={len(values)})" if len(values) > 1 else "")
+    text += "*" if any(r["status"] != "finished" for r in best) else ""
+    return text + (f" (best of {len(groups)})" if len(groups) > 1 else "")
 
 
 # ------------------------------------------------------------------------------------------- curves
@@ -179,12 +246,23 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
         raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
     base = out.resolve()
 
-    records = [run_record(d, os.path.relpath(d.resolve(), parent)) for d in run_dirs]
+    cells = sweep_seed_groups(sweep_dirs)
+    records = [run_record(d, os.path.relpath(d.resolve(), parent), cells.get(d)) for d in run_dirs]
     pivots = pivot_tables(records)
 
-    runs_table = markdown_table(RUN_COLUMNS, [_run_row(r) for r in records])
-    sections = [f"# kdgraph report\n\n{len(records)} run(s); accuracies are test top-1 (%).\n\n{runs_table}\n"]
+    published = any(r["expected_top1"] is not None for r in records)
+    runs_table = markdown_table(RUN_COLUMNS + (EXPECT_COLUMNS if published else []),
+                                [_run_row(r, published) for r in records])
+    sections = [f"# kdgraph report\n\n{len(records)} run(s); accuracies are test top-1 (%)"
+                + ("; published: the number in the run's spec (`expect`), diff: measured - published" if published
+                   else "") + f".\n\n{runs_table}\n"]
     echo(runs_table)
+    header, rows = group_rows(records)
+    if rows:
+        table = markdown_table(header, rows)
+        sections.append(f"## Repeated runs\n\nRuns that differ only in their seed: mean ± std over the seeds "
+                        f"(sample standard deviation; n: runs with a result).\n\n{table}\n")
+        echo(f"\nRepeated runs (mean ± std over seeds):\n{table}")
     for p in pivots:
         table = markdown_table(p["header"], p["rows"])
         sections.append(f"## Results on {p['dataset']}\n\nStudent acc: the student trained alone (ce only, no "

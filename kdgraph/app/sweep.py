@@ -36,7 +36,7 @@ from .. import spec as specs
 from ..errors import SpecError, UserError
 from ..spec import Spec, dotted, flow_text, load
 from ..spec.paths import parse_path, path_problem, spec_paths
-from .grid import read_sweep, write_grid, write_sweep
+from .grid import SEED_KEY, read_sweep, write_grid, write_sweep
 from .launch import engine_command, failure_reason, policy_options, start
 from .rundir import STOPPED, RunDir, teacher_dir
 
@@ -297,9 +297,25 @@ def _progress(total: int, echo: Callable):
     return tqdm(total=total, unit="cell", dynamic_ncols=True)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: ``"5"`` is seeds 0..4, ``"0,3,7"`` those seeds."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--seeds takes a count (5: seeds 0..4) or a list (0,3,7), not {text!r}") from None
+    if len(seeds) == 1 and "," not in str(text):
+        if seeds[0] < 1:
+            raise UserError(f"--seeds {text}: give at least one seed")
+        seeds = list(range(seeds[0]))
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise UserError(f"--seeds {text}: the seeds must differ")
+    return seeds
+
+
 def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int | None = None,
               devices: str | Sequence | None = None, runs_dir: str | Path = "runs", force: bool = False,
-              echo: Callable[[str], Any] = print) -> Path:
+              seeds: Sequence[int] | None = None, echo: Callable[[str], Any] = print) -> Path:
     """Run every cell of the spec's sweep that is not finished yet, then write the grid; return the sweep dir.
 
     ``overrides`` (``--set`` texts) apply to every cell. With CUDA, cells run one per GPU at a time
@@ -308,14 +324,25 @@ def run_sweep(spec_file: str | Path, overrides: Sequence[str] = (), *, jobs: int
     are skipped; an unfinished one continues with ``--resume`` (from its checkpoint when it has one);
     ``force`` deletes each cell's directory and runs it again. A failing cell is recorded (its output is in
     its ``sweep.log``) and the others go on. Ctrl-C (or SIGTERM) stops the running cells after their
-    checkpoint, writes the grid and re-raises ``KeyboardInterrupt``.
+    checkpoint, writes the grid and re-raises ``KeyboardInterrupt``. ``seeds`` adds a ``train.seed`` axis
+    (each cell once per seed; the grid shows mean ± std over them); a spec without a sweep block then
+    sweeps its seeds alone. A spec's own ``seeds:`` list stands for ``seeds`` when it is not given.
     """
     from ..spec.check import check
 
     spec = load(spec_file, overrides)
-    if not spec.get("sweep"):
-        raise UserError(f"{spec_file}: the spec has no sweep: block (key paths mapped to lists of values)")
-    axes = parse_sweep(spec["sweep"])
+    listed = spec.data.pop("seeds", None)  # a spec's own `seeds:` list is the seed axis too
+    seeds = seeds or listed
+    sweep = dict(spec.get("sweep") or {})
+    if seeds:
+        if SEED_KEY in sweep:
+            raise UserError(f"--seeds: the sweep block of {spec_file} already varies {SEED_KEY}")
+        sweep[SEED_KEY] = list(seeds)
+    if not sweep:
+        raise UserError(f"{spec_file}: the spec has no sweep: block (key paths mapped to lists of values); "
+                        f"--seeds N runs it once per seed")
+    spec.data["sweep"] = sweep
+    axes = parse_sweep(sweep)
     check_paths(spec, axes)
     problems = check(spec)
     if problems:

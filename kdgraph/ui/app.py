@@ -204,6 +204,9 @@ def _recipe_section(f: _Fields) -> None:
             f.number("log.every", "log every N steps", integer=True, info="log lines and per-step loss rows")
     with gr.Accordion("Sweep (optional): key paths mapped to the values to try", open=False):
         f.c["sweep"] = gr.Code(value=f.form["sweep"], language="yaml", label="sweep", elem_id="sweep")
+    with gr.Accordion("Published result (optional): `kdgraph report` compares with it", open=False):
+        f.c["expect"] = gr.Code(value=f.form["expect"], language="yaml", label="expect: top1, source",
+                                elem_id="expect")
 
 
 def _side_column(gpus: list[str]) -> SimpleNamespace:

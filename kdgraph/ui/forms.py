@@ -80,7 +80,7 @@ _TRAIN = [
     ("train.sync_bn", "bool"),
     ("train.grad_clip", "number"), ("train.max_steps_per_epoch", "number"),
     ("log.tensorboard", "bool"), ("log.every", "int"),
-    ("sweep", "yaml"),
+    ("sweep", "yaml"), ("expect", "yaml"),
 ]
 SPEC_FIELDS = ([Field(k, kind) for k, kind in _SIMPLE] + [Field("loss.count", "count")]
                + [Field(f"loss.{i}.{k}", "term") for i in range(MAX_TERMS) for k in TERM_KEYS]
@@ -383,7 +383,8 @@ def form_to_spec(form: dict) -> tuple[dict, list[tuple[str, str]]]:
                 data["loss"].append(term_from_form(form, i, problems))
         elif f.kind != "term":
             put(f.key, f.kind)
-    order = ["name", "description", "seeds", "data", "teacher", "student", "trace", "loss", "train", "log", "sweep"]
+    order = ["name", "description", "seeds", "data", "teacher", "student", "trace", "loss", "train", "log", "sweep",
+             "expect"]
     data = {k: data[k] for k in order if k in data}
     return strip_defaults(data), problems
 

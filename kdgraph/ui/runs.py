@@ -509,7 +509,7 @@ def sweep_view(runs_dir: str | Path, name: str, job: dict | None) -> dict:
         lines.append("waiting for the sweep to write its grid (sweep.json)…")
     else:
         header, rows = grid["header"], grid["rows"]
-        states = [s for row in grid["states"] for s in row]
+        states = grid["cell_states"]  # every cell (a seed axis is aggregated in the rows)
         counts = {s: states.count(s) for s in ("finished", "unfinished", "failed", "not run") if s in states}
         lines.append(f"{len(states)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     heatmap = sweep_dir / "heatmap.png"
