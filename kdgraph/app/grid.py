@@ -146,7 +146,7 @@ def _heatmap(grid: dict, path: Path) -> None:
 
     vals = np.array([[np.nan if v is None else v for v in row] for row in grid["values"]], dtype=float)
     n_rows, n_cols = vals.shape
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * n_cols, 1.2 + 0.6 * n_rows))
+    fig, ax = plt.subplots(figsize=(3.0 + (1.7 if grid["seeds"] > 1 else 1.1) * n_cols, 1.5 + 0.6 * n_rows))
     finite = vals[np.isfinite(vals)]
     image = ax.imshow(np.ma.masked_invalid(vals), cmap="viridis", aspect="auto",
                       vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
@@ -168,8 +168,8 @@ def _heatmap(grid: dict, path: Path) -> None:
     ax.set_yticks(range(n_rows), [row[0] for row in grid["rows"]])
     ax.set_xlabel(grid["col_title"])
     ax.set_ylabel(grid["row_title"])
-    ax.set_title(f"{grid['name']}: best test top-1 (%)" + (f", mean over {grid['seeds']} seeds" if grid["seeds"] > 1
-                                                            else ""), fontsize=10)
+    ax.set_title(f"{grid['name']}: best test top-1 (%)" + (f"\nmean ± std over {grid['seeds']} seeds"
+                                                            if grid["seeds"] > 1 else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
