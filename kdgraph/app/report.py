@@ -224,6 +224,17 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- report
+def _repeated_runs(records: Sequence[dict], echo: Callable[[str], Any]) -> list[str]:
+    """The report.md section of repeated runs (printed too); none when no run was repeated."""
+    header, rows = group_rows(records)
+    if not rows:
+        return []
+    table = markdown_table(header, rows)
+    echo(f"\nRepeated runs (mean ± std over seeds):\n{table}")
+    return [f"## Repeated runs\n\nRuns that differ only in their seed: mean ± std over the seeds (sample standard "
+            f"deviation; n: runs with a result).\n\n{table}\n"]
+
+
 def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[str], Any] = print) -> dict:
     """Write ``report.md``, ``report.csv`` and ``curves.png`` for the runs in ``paths``; print the tables.
 
@@ -257,12 +268,7 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
                 + ("; published: the number in the run's spec (`expect`), diff: measured - published" if published
                    else "") + f".\n\n{runs_table}\n"]
     echo(runs_table)
-    header, rows = group_rows(records)
-    if rows:
-        table = markdown_table(header, rows)
-        sections.append(f"## Repeated runs\n\nRuns that differ only in their seed: mean ± std over the seeds "
-                        f"(sample standard deviation; n: runs with a result).\n\n{table}\n")
-        echo(f"\nRepeated runs (mean ± std over seeds):\n{table}")
+    sections += _repeated_runs(records, echo)
     for p in pivots:
         table = markdown_table(p["header"], p["rows"])
         sections.append(f"## Results on {p['dataset']}\n\nStudent acc: the student trained alone (ce only, no "
@@ -276,6 +282,7 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
 
     if any("*" in section for section in sections[1:]):
         notes.append("\\* an unfinished run: its best top-1 so far")
+    notes += [f"published numbers: {src}" for src in dict.fromkeys(r["expect_source"] for r in records if r["expect_source"])]
     files = {"report_md": out / "report.md", "report_csv": out / "report.csv", "curves": out / "curves.png"}
     if plot_curves([(r["name"], RunDir(r["path"]).metrics()) for r in records], files["curves"]):
         sections.append("## Learning curves\n\n![curves](curves.png)\n")
