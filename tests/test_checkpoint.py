@@ -60,18 +60,18 @@ def same(k: str) -> str:
     return k
 
 
-#: name -> (their key names, a few keys their state_dict has, the layout kdgraph must report)
+#: name -> (their key names, a few keys their state_dict has, the layout kdgraph must report); one model of
+#: each definition (the layouts are the class's: every depth and width of it shares them)
 CASES = {
     "wrn-16-1": (wrn_keys, ["block1.layer.0.bn1.weight", "block2.layer.0.convShortcut.weight", "bn1.running_var",
                             "fc.bias"], RD_WRN),
-    "wrn-40-2": (wrn_keys, ["block3.layer.5.conv2.weight", "block3.layer.0.convShortcut.weight"], RD_WRN),
     "wrn-28-4": (wrn_keys, ["block1.layer.0.convShortcut.weight", "block1.layer.3.bn2.running_mean"], RD_WRN),
     "resnet8": (same, ["layer2.0.downsample.0.weight", "layer3.0.bn2.running_var", "fc.weight"], OWN_LAYOUT),
-    "resnet32x4": (same, ["layer1.0.downsample.1.weight", "layer3.4.conv2.weight"], OWN_LAYOUT),
+    "resnet8x4": (same, ["layer1.0.downsample.1.weight", "layer3.0.conv2.weight"], OWN_LAYOUT),
     "resnet50-cifar": (resnet50_keys, ["layer1.0.shortcut.0.weight", "layer4.2.bn3.bias", "linear.weight"],
                        RD_RESNET50),
-    "vgg8": (same, ["block0.0.bias", "block0.1.running_var", "block4.0.weight", "classifier.weight"], OWN_LAYOUT),
-    "vgg13": (same, ["block1.3.weight", "block1.4.num_batches_tracked", "classifier.bias"], OWN_LAYOUT),
+    "vgg8": (same, ["block0.0.bias", "block0.1.running_var", "block4.0.weight", "block1.1.num_batches_tracked",
+                    "classifier.weight"], OWN_LAYOUT),
     "mobilenetv2-0.5": (same, ["conv1.0.weight", "blocks.0.0.conv.0.weight", "blocks.1.1.conv.7.running_mean",
                                "blocks.6.0.conv.3.weight", "conv2.1.weight", "classifier.0.weight"], OWN_LAYOUT),
     "shufflev1": (shufflev1_keys, ["conv1.weight", "layer1.0.conv3.weight", "layer3.3.bn2.bias", "linear.weight"],

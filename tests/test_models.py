@@ -99,7 +99,19 @@ def test_parameter_counts_match_the_papers():
     assert rows["wrn-40-2"]["params"] == sum(p.numel() for p in built("wrn-40-2").parameters())
 
 
-@pytest.mark.parametrize("name", ALL)
+#: One model per definition and structural variant (the other widths and depths run the same code): what
+#: the tests that run real forwards cover. Parameter counts, stages and ReLUs are checked on every model.
+REPRESENTATIVE = ["wrn-16-1", "wrn-40-2", "wrn-28-4", "resnet8", "resnet56", "resnet32x4", "resnet50-cifar", "vgg8",
+                  "vgg13", "mobilenetv2-0.5", "shufflev1", "shufflev2-0.5", "shufflev2-2.0", "shufflenetv2-0.5",
+                  "shufflenetv2-orig-0.5"]
+
+
+def test_representatives_cover_every_definition():
+    assert set(REPRESENTATIVE) <= set(ALL)
+    assert {type(meta(n)) for n in ALL} == {type(meta(n)) for n in REPRESENTATIVE}
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
 @pytest.mark.parametrize("size", [32, 16])
 def test_forward_shape(name, size):
     with torch.no_grad():
@@ -107,7 +119,7 @@ def test_forward_shape(name, size):
     assert out.shape == (2, 100)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", REPRESENTATIVE)
 def test_fx_trace_matches_eager(name):
     model = built(name)
     torch.fx.symbolic_trace(model.train())
@@ -119,11 +131,12 @@ def test_fx_trace_matches_eager(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_relus_are_in_place(name):
-    relus = [m for m in built(name).modules() if isinstance(m, nn.ReLU)]
+    model = meta(name)
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if name.startswith("shufflenetv2-orig"):  # a unit's leading ReLUs read an input two branches share
-        relus = [m for m in relus if m is not built(name).conv5[0] and not any(
-            m is u.residual[0] or m is u.shortcut[0] for st in (built(name).stage2, built(name).stage3,
-                                                                 built(name).stage4) for u in st)]
+        leading = [u.residual[0] for st in (model.stage2, model.stage3, model.stage4) for u in st]
+        leading += [u.shortcut[0] for st in (model.stage2, model.stage3, model.stage4) for u in st] + [model.conv5[0]]
+        relus = [m for m in relus if not any(m is x for x in leading)]
     assert relus and all(m.inplace for m in relus)
 
 
@@ -218,10 +231,15 @@ def test_unknown_names_suggest_close_ones():
 
 # ------------------------------------------------------------------------------------ stages and auto
 @functools.cache
-def meta_rows(name: str) -> tuple:
+def meta(name: str) -> nn.Module:
+    """The model on the meta device: its modules and shapes, no memory, no initialisation."""
     with torch.device("meta"):
-        model = build_model(name, num_classes=100)
-    return model, layers(model.eval(), (3, 32, 32))
+        return build_model(name, num_classes=100).eval()
+
+
+@functools.cache
+def meta_rows(name: str) -> tuple:
+    return meta(name), layers(meta(name), (3, 32, 32))
 
 
 @pytest.mark.parametrize("name", ALL)
