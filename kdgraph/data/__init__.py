@@ -59,8 +59,8 @@ from .base import DATASETS, DatasetInfo
 from .labels import UNLABELLED, PartialLabels, dataset_targets, hide_labels, labelled_subset
 from . import digits as _digits, vision as _vision  # noqa: F401  (register the built-in datasets)
 
-__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "UNLABELLED", "build_datasets", "build_loaders", "option_problems",
-           "seed_worker", "train_targets"]
+__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "LOADERS", "UNLABELLED", "build_datasets", "build_loaders",
+           "option_problems", "seed_worker", "train_targets"]
 
 _BUILDER_ARGS = ("root", "train", "augment", "download")
 

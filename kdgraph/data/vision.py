@@ -110,7 +110,8 @@ def _image_folder(root: str, split: str, name: str, transform, layout: str) -> d
 
 @DATASETS.register("cinic10", num_classes=10, input_shape=(3, 32, 32), mean=lambda mean=CINIC_MEAN, **_: tuple(mean),
                    std=lambda std=CINIC_STD, **_: tuple(std))
-def cinic10(root: str, train: bool, augment: bool, download: bool, train_split: Literal["train", "train+valid"] = "train",
+def cinic10(root: str, train: bool, augment: bool, download: bool,
+            train_split: Literal["train", "train+valid"] = "train",
             mean=CINIC_MEAN, std=CINIC_STD, crop: Crop = "padded", padding_mode: PaddingMode = "reflect"):
     """CINIC-10 as ImageFolders ``root/{train,valid,test}``; ``train_split`` is "train" or "train+valid".
 

@@ -442,7 +442,8 @@ class MarginReLU(FeatureTerm):
     always_connect = True
     teacher_bn_train = True
 
-    def __init__(self, weight=None, warmup_epochs=0.0, margin: float | None = None, teacher_bn: Literal["train", "eval"] = "train"):
+    def __init__(self, weight=None, warmup_epochs=0.0, margin: float | None = None,
+                 teacher_bn: Literal["train", "eval"] = "train"):
         super().__init__(weight, warmup_epochs)
         if teacher_bn not in ("train", "eval"):
             raise ValueError(f"teacher_bn must be 'train' (batch statistics, Heo et al.) or 'eval' (running "
