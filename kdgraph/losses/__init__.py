@@ -256,6 +256,19 @@ def probe_pairs(cfg: dict, term: Term, teacher_rows: list[dict], student_rows: l
 class _Probe:
     def __init__(self, cls, params: dict, shapes: dict, models: dict, num_classes: int):
         self.cls, self.params, self.shapes, self.models, self.num_classes = cls, params, shapes, models, num_classes
+        self._traced = None
+
+    def teacher_node(self, name: str):
+        """The node of tap ``name`` in the teacher's graph (the ``meta`` teacher traced once, as the Distiller
+        traces the real one); a teacher that does not trace here leaves the term unjudged."""
+        if self._traced is None:
+            from ..graph import trace
+
+            try:
+                self._traced = trace(self.models["teacher"], [])
+            except Exception as e:  # noqa: BLE001 - the Distiller reports a tracing failure itself
+                raise NotImplementedError(f"the teacher does not trace: {e}") from None
+        return self._traced.resolve(name)
 
     def meta(self, role: str, name: str, batch: int = _PROBE_BATCH) -> torch.Tensor:
         return torch.empty(batch, *self.shapes[(role, name)], device="meta")
@@ -267,7 +280,8 @@ class _Probe:
         samples = 2 * max(self.num_classes, _PROBE_BATCH)  # a stand-in training set: every class, twice
         ctx = Setup(student=self.models.get("student"), teacher=self.models.get("teacher"),
                     student_shapes={s: self.shapes[("student", s)] for _, s in pairs},
-                    teacher_shapes={t: self.shapes[("teacher", t)] for t, _ in pairs}, teacher_node=None,
+                    teacher_shapes={t: self.shapes[("teacher", t)] for t, _ in pairs},
+                    teacher_node=self.teacher_node if self.models.get("teacher") is not None else None,
                     teacher_features=lambda names: {n: self.meta("teacher", n, 2 * _PROBE_BATCH) for n in names},
                     log=lambda _: None, num_samples=samples, targets=torch.arange(samples) % self.num_classes)
         logits = torch.empty(_PROBE_BATCH, self.num_classes, device="meta")
