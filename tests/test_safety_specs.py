@@ -109,8 +109,10 @@ class TestSpecFiles:
         assert "larger than" in messages(problems_of(big))
 
     def test_not_a_file(self, workdir, capsys):
-        code, _, err = run_cli(["validate", workdir], capsys)
-        assert code == 2 and "Is a directory" in err
+        empty = workdir / "empty"
+        empty.mkdir()
+        code, _, err = run_cli(["validate", empty], capsys)
+        assert code == 2 and "folder without spec files" in err and "Traceback" not in err
         code, _, err = run_cli(["validate", workdir / "nope.yaml"], capsys)
         assert code == 2 and "No such file" in err
 

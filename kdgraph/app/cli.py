@@ -158,8 +158,12 @@ def cmd_schema(args) -> int:
 def cmd_validate(args) -> int:
     from ..spec.check import validate
 
-    problems, count = [], 0
-    files = [f for path in args.spec for f in (sorted(Path(path).rglob("*.y*ml")) if Path(path).is_dir() else [path])]
+    problems, count, files = [], 0, []
+    for path in args.spec:  # a folder stands for the spec files under it
+        found = sorted(Path(path).rglob("*.y*ml")) if Path(path).is_dir() else [path]
+        if not found:
+            raise UserError(f"{path} is a folder without spec files (*.yaml, *.yml) in it")
+        files += found
     for file in files:
         found, n = validate(file, args.overrides)
         problems += found
