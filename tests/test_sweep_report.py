@@ -270,12 +270,14 @@ def test_report_aggregates_seeds_and_shows_the_published_number(tmp_path):
 
 
 def test_a_three_seed_digits_sweep_and_its_report(tmp_path, monkeypatch, cli):
-    """`kdgraph sweep SPEC --seeds 3`, then `kdgraph report` of it: mean ± std over the three seeds."""
+    """`kdgraph sweep SPEC` of a spec with `seeds: [0, 1, 2]` (what `--seeds 3` gives too), then `kdgraph
+    report` of it: mean ± std over the three seeds."""
     pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "seeds.yaml"
-    spec.write_text(TINY.replace("tiny_grid", "seeds") + 'expect: {top1: 50.0, source: "a test"}\n')
-    code, out, err = cli(["sweep", spec, "--seeds", "3", "--jobs", "2"])
+    spec.write_text(TINY.replace("tiny_grid", "seeds") + 'expect: {top1: 50.0, source: "a test"}\nseeds: [0, 1, 2]\n')
+    assert sweep.parse_seeds("3") == [0, 1, 2]
+    code, out, err = cli(["sweep", spec, "--jobs", "2"])
     assert code == 0, err
     info = json.loads(Path("runs/seeds/sweep.json").read_text())
     assert info["keys"] == ["train.seed"] and sorted(info["cells"]) == ["seed=0", "seed=1", "seed=2"]
@@ -348,7 +350,7 @@ def test_runner_skips_resumes_forces_and_records_failures(tmp_path, monkeypatch)
     first = ran()
     assert sorted(first) == ["lr=0.1,seed=0", "lr=0.1,seed=1", "lr=0.2,seed=0", "lr=0.2,seed=1"]
     assert first["lr=0.2,seed=0"]["sets"] == ["data.batch_size=32", "train.optimizer.lr=0.2", "train.seed=0",
-                                              "sweep=null"]
+                                              "sweep=null", "seeds=null"]
     assert "FAILED (exit 1): RuntimeError: boom" in "\n".join(printed)
     assert re.search(r"\| 0\.2 +\| 70\.00 \(n=1\) \(1 failed\) +\|", printed[-1])  # seeds aggregated
     assert "fake engine lr=0.2,seed=1" in (sweep_dir / "lr=0.2,seed=1" / "sweep.log").read_text()

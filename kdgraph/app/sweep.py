@@ -204,7 +204,7 @@ def cell_command(spec_file: str | Path, overrides: Sequence[str], cell: Cell, ce
     """The ``kdgraph run`` command line of one cell (``--resume`` continues an unfinished cell, ``--force``
     starts it over); ``imports``: the sweep's own import policy options, passed on."""
     cmd = [*engine_command(), "run", str(spec_file), *imports]
-    for override in [*overrides, *cell.overrides, "sweep=null"]:
+    for override in [*overrides, *cell.overrides, "sweep=null", "seeds=null"]:
         cmd += ["--set", override]
     cmd += ["--out", str(cell_dir)]
     if runs_dir is not None:  # where a from_spec teacher is trained
