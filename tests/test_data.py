@@ -413,8 +413,8 @@ def test_cinic10_random_resized_crop_of_the_original_project(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"crop": "random"}, "crop must be one of padded, resized"),
-    ({"padding_mode": "zeros"}, "padding_mode must be one of reflect, constant"),
+    ({"crop": "random"}, "crop: expected one of 'padded', 'resized', got 'random'"),
+    ({"padding_mode": "zeros"}, "padding_mode: expected one of 'reflect', 'constant', got 'zeros'"),
     ({"mean": [0.5, 0.5]}, "mean must be 3 numbers"),
     ({"std": [0.2, 0.0, 0.2]}, "std must be positive"),
 ])

@@ -196,7 +196,8 @@ loss: {loss}
 def problems(tmp_path, labels: str, loss: str) -> list[str]:
     file = tmp_path / "spec.yaml"
     file.write_text(SPEC.format(labels=labels, loss=loss))
-    return [f"{p[3]}: {p[4]}" for p in validate(file)[0]]
+    # the spec's teacher.checkpoint is not written: validate's complaint about it is not the point here
+    return [f"{p[3]}: {p[4]}" for p in validate(file)[0] if p[3] != "teacher.checkpoint"]
 
 
 def test_validate_refuses_terms_that_need_labels_when_none_are_kept(tmp_path):

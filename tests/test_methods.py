@@ -104,7 +104,7 @@ def test_standardize_is_a_checked_flag_of_kd_and_dkd():
         (False, True, True)
     _, problems = build_terms([{"method": "kd", "standardize": "yes"}], teacher_rows=None, student_rows=None,
                               has_teacher=True)
-    assert problems == [(("loss", 0), "kd: standardize must be true or false, got 'yes'")]
+    assert problems == [(("loss", 0, "standardize"), "kd: standardize: expected true or false, got 'yes'")]
 
 
 def test_vid_cc_srrl_state(teacher):
