@@ -19,7 +19,7 @@ from kdgraph.app.cli import main  # noqa: E402
 from kdgraph.errors import UserError  # noqa: E402
 from kdgraph.registry import import_policy, import_policy_scope  # noqa: E402
 from kdgraph.ui import app as ui_app, forms, jobs, runs  # noqa: E402
-from kdgraph.ui.handlers import Handlers  # noqa: E402
+from kdgraph.ui.handlers import TERM_VIEW_KEYS, TRACE_KEYS, Handlers  # noqa: E402
 
 EVIL = """\
 import os
@@ -62,16 +62,17 @@ class TestImports:
         values = form_with(**{"student.model": "fz_ui_evil:net",
                               "student.kwargs": f"{{command: 'touch {tmp_path / 'pwned'}'}}"})
         with import_policy_scope((), "kdgraph ui: without --allow-imports"):
-            _, problems = ui.preview("spec.yaml", *values)
-            ui.trace("", False, *values)
-            ui.term_views(*values)
+            _, problems, _ = ui.preview("spec.yaml", *values)
+            form = dict(zip(forms.FIELDS, values))
+            ui.trace("", False, *[form[k] for k in TRACE_KEYS])
+            ui.term_views(*[form[k] for k in TERM_VIEW_KEYS])
         assert "without --allow-imports" in problems
         assert not (tmp_path / "imported").exists() and not (tmp_path / "pwned").exists()
 
     def test_os_system_is_refused_even_when_allowed(self, ui, tmp_path):
         values = form_with(**{"student.model": "os:system", "student.kwargs": f"{{command: 'touch {tmp_path / 'x'}'}}"})
         with import_policy_scope(["os", "fz_ui_evil"], "kdgraph ui --allow-imports os,fz_ui_evil"):
-            _, problems = ui.preview("spec.yaml", *values)
+            _, problems, _ = ui.preview("spec.yaml", *values)
         assert "never the standard library" in problems and not (tmp_path / "x").exists()
 
     def test_an_allowed_package_is_imported(self, ui, tmp_path):
@@ -141,7 +142,7 @@ class TestPaths:
                                             ("teacher.checkpoint", "/etc/passwd")])
     def test_files_a_form_names_stay_in_the_folders(self, ui, tmp_path, key, value):
         values = form_with(**{"teacher.model": "wrn-10-1", key: value.format(root=tmp_path)})
-        _, problems = ui.preview("spec.yaml", *values)
+        _, problems, _ = ui.preview("spec.yaml", *values)
         assert "outside the specs folder" in problems and "S3CRET" not in problems
         message = ui.start("spec.yaml", [], False, *values)[0]
         assert message.startswith("⚠") and not ui.manager.snapshot()

@@ -35,7 +35,7 @@ def pairs_in(svg: str) -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize("teacher,student,loss,shape,connectors", [
     ("wrn-16-2", "wrn-10-1", [{"method": "ce"}, {"method": "at"}], (3, 16, 16), {"at": ["none"] * 3}),
     ("shufflenetv2-2.0", "shufflenetv2-0.5", [{"method": "margin_relu"}], (3, 32, 32),
-     {"margin_relu": ["1x1 conv+BN 24→24", "1x1 conv+BN 48→244", "1x1 conv+BN 96→488", "1x1 conv+BN 1024→2048"]}),
+     {"margin_relu": ["1x1 conv+BN 24→122", "1x1 conv+BN 48→244", "1x1 conv+BN 96→488"]}),  # its declared stages
     ("resnet56", "resnet20", [{"method": "fitnet"}, {"method": "kd"}], (3, 32, 32),
      {"fitnet": ["1x1 conv+BN 32→32"], "kd": ["none"]}),
     ("torchvision:resnet34", "torchvision:resnet18", [{"method": "sp"}, {"method": "fitnet"}], (3, 64, 64),
