@@ -235,7 +235,7 @@ class Distiller(nn.Module):
         for forward in self.t_forwards.values():
             t_shapes.update({k: tuple(v.shape[1:]) for k, v in forward(example[:2])[1].items()})
         self.train(was)
-        traced = trace(self.teacher, self.leaf_modules) if self.teacher is not None else None
+        traced = trace(self.teacher, self.leaf_modules, example=example[:2]) if self.teacher is not None else None
         for term in self.terms:
             ctx = Setup(student=self.student, teacher=self.teacher, student_shapes=s_shapes,
                         teacher_shapes=t_shapes, teacher_node=traced.resolve if traced is not None else None,

@@ -237,6 +237,27 @@ def test_layers_of_a_user_model_with_functional_inplace_relu(cli):
     assert names["fc"] == "10"
 
 
+def test_layers_of_timm_and_hugging_face_models(cli, tmp_path):
+    pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    code, out, err = cli(["layers", "timm:efficientnet_b0", "--json"])
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["classifier"]["shape"] == [100] and rows["conv_stem"]["shape"] == [32, 16, 16]
+    code, out, err = cli(["layers", "torchvision:convnext_tiny", "--input-size", "3", "64", "64", "--json"])
+    assert code == 0, err
+    assert {r["name"]: r for r in json.loads(out)}["features.1.0.mul"]["shape"] == [96, 16, 16]
+    transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32).save_pretrained(tmp_path / "bert")
+    model = f"hf:{tmp_path / 'bert'}"
+    code, out, err = cli(["layers", model, "--input-size", "12", "--input-dtype", "long", "--json"])
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["bert.encoder.layer.0.output.dense"]["shape"] == [12, 16] and rows["classifier"]["shape"] == [100]
+    code, out, err = cli(["layers", model, "--input-size", "12"])  # float inputs into an embedding
+    assert code == 2 and "--input-dtype long" in err and "Traceback" not in out + err
+
+
 def test_layers_unknown_model_suggests(cli):
     code, out, err = cli(["layers", "wrn-16-x"])
     assert code == 2
@@ -293,7 +314,7 @@ def test_python_dash_m_help():
 def test_tune_allocator_applies_on_glibc_and_respects_the_user(monkeypatch):
     import platform
 
-    from kdgraph.app.runtime import tune_allocator
+    from kdgraph.allocator import tune_allocator
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)

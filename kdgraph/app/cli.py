@@ -9,6 +9,9 @@ from pathlib import Path
 from ..errors import SpecError, UserError
 from .rundir import STOPPED
 
+# `kdgraph layers --input-dtype`: the name a user types -> the torch dtype's name
+INPUT_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "long": "long", "int": "int32"}
+
 
 def _specs_arg(p: argparse.ArgumentParser, many: bool = True) -> None:
     p.add_argument("spec", nargs="+" if many else None, help="spec file(s) (YAML)")
@@ -52,8 +55,12 @@ def parser() -> argparse.ArgumentParser:
                                                "models, layer names, methods"))
     sub.add_parser("schema", help="print the spec JSON Schema")
     p = sub.add_parser("layers", help="list a model's tappable layers with their shapes")
-    p.add_argument("model", help="registry name, torchvision:NAME or package.module:callable")
-    p.add_argument("--input-size", nargs=3, type=int, default=[3, 32, 32], metavar=("C", "H", "W"))
+    p.add_argument("model", help="registry name, torchvision:NAME, timm:NAME, hf:PATH or package.module:callable")
+    p.add_argument("--input-size", nargs="+", type=int, default=[3, 32, 32], metavar="DIM",
+                   help="one input's shape without the batch: C H W for images (default 3 32 32), the sequence "
+                        "length for token models")
+    p.add_argument("--input-dtype", choices=sorted(INPUT_DTYPES), default="float32",
+                   help="the input's dtype: long for token ids")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--leaf", action="append", default=[], help="module path or class kept opaque (repeatable)")
     p.add_argument("--filter", default="", help="only names containing this text")
@@ -126,9 +133,9 @@ def _bench_parser(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in ("run", "sweep", "bench"):
-        from .runtime import tune_allocator
+        from ..allocator import tune_allocator
 
-        tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/app/runtime.py)
+        tune_allocator()  # CPU steps without page faults for every activation buffer (see kdgraph/allocator.py)
     try:
         with _import_policy(args):
             return int(COMMANDS[args.command](args) or 0)
@@ -263,7 +270,8 @@ def cmd_layers(args) -> int:
 
     with torch.device("meta"):
         model = build_model(args.model, num_classes=args.num_classes)
-    rows = [r for r in layers(model.eval(), tuple(args.input_size), leaf_modules=args.leaf)
+    rows = [r for r in layers(model.eval(), tuple(args.input_size), leaf_modules=args.leaf,
+                              input_dtype=getattr(torch, INPUT_DTYPES[args.input_dtype]))
             if args.filter in r["name"]]
     if args.json:
         print(json.dumps([{**r, "shape": list(r["shape"])} for r in rows], indent=1))
@@ -335,8 +343,10 @@ def cmd_models(args) -> int:
     print(f"{'name':<22} {'family':<18} {'params':>11}  source (parameters at {rows[0]['num_classes']} classes)")
     for r in rows:
         print(f"{r['name']:<22} {r.get('family') or '':<18} {r['params']:>11,}  {r.get('source') or ''}")
-    print("\nalso: wrn-D-K for any D = 6n+4, torchvision:NAME (any torchvision classifier), package.module:callable;"
-          "\nRepDistiller/mdistiller checkpoints of these models load as teacher.checkpoint (keys mapped)")
+    print("\nalso: wrn-D-K for any D = 6n+4, torchvision:NAME (any torchvision classifier), timm:NAME (any timm "
+          "model), hf:PATH (a Hugging Face image or text classifier: a directory with config.json, or a Hub id), "
+          "package.module:callable;\nRepDistiller/mdistiller checkpoints of these models load as teacher.checkpoint "
+          "(keys mapped)")
     return 0
 
 

@@ -5,6 +5,8 @@ A model name is one of
 * a name in :data:`MODELS` (``wrn-40-2``, ``resnet32x4``, ``vgg13``, ``shufflev2-1.0``...) or ``wrn-D-K``
   for any valid depth ``D`` and widen factor ``K``;
 * ``torchvision:NAME`` for any classification model of ``torchvision.models`` (``torchvision:resnet18``);
+* ``timm:NAME`` for any model of timm (``timm:efficientnet_b0``), ``hf:PATH`` for a Hugging Face image or
+  text classifier (a local directory with ``config.json``, or a Hub id); see :mod:`kdgraph.models.external`;
 * an import path ``package.module:callable`` whose call returns an ``nn.Module``.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ..errors import UserError, did_you_mean
 from ..params import check_arguments
 from ..registry import Registry
+from .external import HF_PREFIX, TIMM_PREFIX, build_hf, build_timm, hf_exists, timm_exists
 from .mobilenetv2 import MobileNetV2
 from .resnet_cifar import BottleneckResNet, ResNet
 from .shufflenetv1 import ShuffleNetV1
@@ -94,14 +97,21 @@ def build_model(name: str, num_classes: int = 10, weights: str | None = None, in
 
     ``weights`` names pretrained torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``...) and is the only
     thing that downloads; such a model keeps the weights' class count, which must equal ``num_classes``.
+    For ``timm:`` and ``hf:`` models ``weights="DEFAULT"`` loads the library's pretrained weights (see
+    :mod:`kdgraph.models.external`) and ``kwargs`` go to ``timm.create_model`` or the Hugging Face config.
     Registry and import-path builders get ``num_classes`` if their signature takes it (or ``**kwargs``), and
     ``in_channels`` if it names it (or takes ``**kwargs`` and ``in_channels`` is not 3); other ``kwargs`` go
     to the builder as they are.
     """
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, weights, in_channels, kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return build_timm(name[len(TIMM_PREFIX):], num_classes, weights, in_channels, kwargs, _instantiate)
+    if name.startswith(HF_PREFIX):
+        return build_hf(name[len(HF_PREFIX):], num_classes, weights, in_channels, kwargs)
     if weights is not None:
-        raise UserError(f"weights={weights!r} only applies to 'torchvision:' models, not to {name!r}")
+        raise UserError(f"weights={weights!r} only applies to 'torchvision:', 'timm:' and 'hf:' models, "
+                        f"not to {name!r}")
     builder = MODELS.get(name)
     if not callable(builder):
         raise UserError(f"model {name!r} names a {type(builder).__name__}, not something that builds a model")
@@ -167,6 +177,10 @@ def model_exists(name: str) -> bool:
         from torchvision import models
 
         return name[len(TORCHVISION_PREFIX):] in models.list_models(module=models)
+    if name.startswith(TIMM_PREFIX):
+        return timm_exists(name[len(TIMM_PREFIX):])
+    if name.startswith(HF_PREFIX):
+        return hf_exists(name[len(HF_PREFIX):])
     return MODELS.exists(name)
 
 
