@@ -602,3 +602,27 @@ def test_a_write_to_the_input_stays_a_write_to_the_input():
     out, feats = kdgraph.tap(m, ["sub_:pre"])(mine)
     assert torch.equal(out, expected_out) and torch.equal(mine, expected_input)
     assert torch.equal(feats["sub_:pre"], x)
+
+
+class OptionalMask(nn.Module):
+    """``forward(x, mask=None)`` as timm's Hiera has it: fx alone traces the ``mask is not None`` branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.view(-1, 1)
+        return self.lin(x).relu()
+
+
+def test_optional_arguments_defaulting_to_none_are_traced_as_none():
+    m = OptionalMask()
+    x = torch.randn(2, 4)
+    assert "mul" not in [r["name"] for r in kdgraph.layers(m, (4,))]
+    tapped = kdgraph.tap(m, ["lin", "relu:pre"])
+    out, feats = tapped(x)
+    assert torch.equal(out, m(x)) and torch.equal(feats["lin"], m.lin(x))
+    with pytest.raises(AssertionError, match="specialized to have value None"):
+        tapped(x, torch.ones(2))

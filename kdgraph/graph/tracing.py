@@ -212,13 +212,32 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+def _none_defaults(model: nn.Module) -> dict[str, None]:
+    """The optional arguments of ``model.forward`` after the input that default to None (``mask=None``).
+
+    fx would trace them as Proxies, so ``if mask is not None:`` would take the branch a call with the input
+    alone never runs; traced as None, the graph is that call's, and passing one raises fx's "specialized to
+    have value None" error.
+    """
+    fn = type(model).forward
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    names = code.co_varnames[1:code.co_argcount]  # after self: the input, then the others
+    defaults = fn.__defaults__ or ()
+    optional = zip(names[len(names) - len(defaults):], defaults)
+    found = {name: None for name, value in optional if value is None and name != names[0]}
+    found.update({name: None for name, value in (fn.__kwdefaults__ or {}).items() if value is None})
+    return found
+
+
 def _fx_trace(model: nn.Module, leaves: _Leaves, autowrap: tuple[Callable, ...]) -> tuple[fx.Graph, _Tracer]:
     """Trace with fx; on failure keep tracing with each failing class as a leaf, to name them all at once."""
     failed: list[tuple[type, str, str]] = []
     while True:
         tracer = _Tracer(leaves.plus([c for c, _, _ in failed]), autowrap)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_none_defaults(model) or None)
         except Exception as e:
             where = tracer.failed_in
             if where is None or not where[0] or any(c is where[1] for c, _, _ in failed) or len(failed) >= 50:
