@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from kdgraph.allocator import tune_allocator
 from kdgraph.app import bench
 from kdgraph.app.cli import main
 
@@ -28,16 +29,25 @@ def test_the_json_holds_every_figure_and_the_run_settings(results):
         assert key in written, key
     assert written["reps"] == 2 and written["device"] == "cpu" and written["step_batch"] == 4
     assert written["table"] == doc["table"] and "\n".join(written["table"]) in lines
-    assert len(written["table"]) == 2 + 3 + 3 + 1 + 1  # header, rule, a x3, b x3, c, d
+    assert len(written["table"]) == 2 + 6 + 3 + 1 + 1  # header, rule, a x6, b x3, c, d
 
 
 def test_figure_a_taps(results):
     rows = results[1]["figures"]["a"]
-    assert [(r["role"], r["mode"]) for r in rows] == [("teacher", "eval"), ("student", "eval"), ("student", "train")]
-    for r in rows:
+    assert [(r["role"], r["model"], r["mode"]) for r in rows] == [
+        ("teacher", "wrn-10-2", "eval"), ("student", "wrn-10-1", "eval"), ("student", "wrn-10-1", "train"),
+        ("other", "torchvision:efficientnet_b0", "eval"), ("other", "torchvision:efficientnet_b0", "train"),
+        ("plain API, fresh interpreter", "OutsideResNet", "eval")]
+    for r in rows[:3]:
         assert r["taps"] == ["block2.0.relu1:pre", "block3.0.relu1:pre", "relu:pre"]
-        assert r["eager_ms"] > 0 and r["tapped_ms"] > 0 and r["ratio"] > 0
+    for r in rows:
+        assert r["eager_ms"] > 0 and r["tapped_ms"] > 0 and r["ratio"] > 0 and r["taps"]
         assert len(r["raw_s"]["eager"]) == len(r["raw_s"]["tapped"]) == 2
+    assert all(name.endswith(":pre") for name in rows[3]["taps"]) and set(rows[3]["how"]) == set(rows[3]["taps"])
+    plain = rows[5]
+    assert plain["batch"] == 4 and plain["eager_before_tap_ms"] > 0
+    # the fresh interpreter's tapped model tuned glibc's allocator itself, as it does here (where possible)
+    assert plain["allocator_tuned"] is tune_allocator()
 
 
 def test_figure_b_steps_and_the_loss_check(results):

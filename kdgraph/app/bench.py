@@ -4,10 +4,15 @@ Every figure compares two things measured side by side in one process on the sam
 run alternately (the order flips every repetition), after warm-up, and the figure is the median of the
 per-repetition ratios (medians of the times are reported too). Figures (targets in brackets):
 
-(a) ``taps``: a forward of the teacher (WRN-28-4) and of the student (WRN-16-2) tapped at their stage-end
-    pre-ReLU positions (:func:`kdgraph.tap`, what margin_relu reads) against the plain eager forward.
-    Teacher and student in eval mode under ``no_grad`` (how a teacher runs), and the student in train
-    mode with autograd recording (how a student runs; the graph is dropped, no backward). [<= 1.05]
+(a) ``taps``: a forward of the teacher (WRN-28-4), of the student (WRN-16-2) and of torchvision's
+    EfficientNet-B0 tapped at their stage-end pre-activation positions (:func:`kdgraph.tap`, what
+    margin_relu reads) against the plain eager forward, in eval mode under ``no_grad`` (how a teacher
+    runs) and in train mode with autograd recording (how a student runs; the graph is dropped, no
+    backward). On the CPU, one more row runs in a fresh interpreter through the plain Python API only --
+    no kdgraph command, so no allocator setting but the one a tapped model applies itself -- for a
+    ResNet-like model defined outside kdgraph (:class:`OutsideResNet`, width 48, batch ``--batch`` / 2,
+    eval, 3 pre-ReLU taps); it also reports that interpreter's eager forward before anything was
+    tapped. [<= 1.05]
 (b) ``step``: one distillation step -- teacher forward, student forward, loss, backward, SGD step --
     through :class:`kdgraph.Distiller` against the same step written by hand without kdgraph: explicit
     WRN forwards over the same modules returning their features, the loss inline in torch ops. For
@@ -130,32 +135,106 @@ def pre_relu_taps(model: nn.Module) -> list[str]:
     return stage_ends(layers(model, (3, 32, 32)), pre=True)
 
 
+TAP_MODELS = ("torchvision:efficientnet_b0",)  # tapped in (a) besides the teacher and the student
+
+
+def _tap_row(model: nn.Module, mode: str, x: torch.Tensor, reps: int, device: torch.device) -> dict:
+    """Eager against tapped forward of ``model`` in ``mode`` (eval: under no_grad; train: with autograd)."""
+    model.train(mode == "train")
+    names = pre_relu_taps(model)
+    tapped = tap(model, names)
+    grad = mode == "train"
+
+    def eager():
+        with torch.set_grad_enabled(grad):
+            return model(x)
+
+    def tapped_fwd():
+        with torch.set_grad_enabled(grad):
+            return tapped(x)
+
+    r = interleaved(eager, tapped_fwd, reps, device)
+    return {"mode": mode, "grad": grad, "taps": names, "batch": len(x), "eager_ms": 1e3 * r["a_s"],
+            "tapped_ms": 1e3 * r["b_s"], "ratio": r["ratio"], "raw_s": {"eager": r["a_all_s"], "tapped": r["b_all_s"]},
+            "how": next(iter(tapped.how.values()))}
+
+
 def figure_a(*, teacher: str, student: str, reps: int, batch: int, device: torch.device) -> list[dict]:
     t, s = _models(teacher, student, device)
     x = torch.randn(batch, 3, 32, 32, device=device)
-    rows = []
-    for role, name, model, mode in (("teacher", teacher, t, "eval"), ("student", student, s, "eval"),
-                                    ("student", student, s, "train")):
-        model.train(mode == "train")
-        names = pre_relu_taps(model)
-        tapped = tap(model, names)
-        grad = mode == "train"
-
-        def eager():
-            with torch.set_grad_enabled(grad):
-                return model(x)
-
-        def tapped_fwd():
-            with torch.set_grad_enabled(grad):
-                return tapped(x)
-
-        r = interleaved(eager, tapped_fwd, reps, device)
-        rows.append({"role": role, "model": name, "mode": mode, "grad": mode == "train", "taps": names,
-                     "batch": batch, "eager_ms": 1e3 * r["a_s"], "tapped_ms": 1e3 * r["b_s"],
-                     "ratio": r["ratio"], "raw_s": {"eager": r["a_all_s"], "tapped": r["b_all_s"]}})
+    rows = [{"role": role, "model": name, **_tap_row(model, mode, x, reps, device)}
+            for role, name, model, mode in (("teacher", teacher, t, "eval"), ("student", student, s, "eval"),
+                                            ("student", student, s, "train"))]
     t.eval()
     s.train()
+    for name in TAP_MODELS:
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=NUM_CLASSES).to(device)
+        rows += [{"role": "other", "model": name, **_tap_row(model, mode, x, reps, device)} for mode in ("eval", "train")]
+    if device.type == "cpu":
+        rows.append(plain_api_row(reps, max(2, batch // 2)))
     return rows
+
+
+class OutsideResNet(nn.Module):
+    """A ResNet-like model as a user writes it, outside kdgraph: width 48, three stages of two basic blocks
+    with in-place ReLUs and ``+=`` residuals, for the plain-API row of figure (a)."""
+
+    def __init__(self, width: int = 48, num_classes: int = 10):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(_Basic(w, w, 1), _Basic(w, w, 1))
+        self.layer2 = nn.Sequential(_Basic(w, 2 * w, 2), _Basic(2 * w, 2 * w, 1))
+        self.layer3 = nn.Sequential(_Basic(2 * w, 4 * w, 2), _Basic(4 * w, 4 * w, 1))
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.layer3(self.layer2(self.layer1(self.stem(x)))).mean((2, 3)))
+
+
+class _Basic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+def plain_api_row(reps: int, batch: int) -> dict:
+    """The plain-API row of figure (a), measured in a fresh interpreter (:func:`_plain_api_child`)."""
+    import subprocess
+
+    code = f"from kdgraph.app.bench import _plain_api_child; _plain_api_child({reps}, {batch}, {torch.get_num_threads()})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain-API benchmark process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _plain_api_child(reps: int, batch: int, n_threads: int) -> None:
+    """Print the plain-API row as JSON: eager alone first (the interpreter as the user left it), then eager
+    against tapped, alternately, through ``kdgraph.tap`` only."""
+    from .. import allocator
+
+    torch.set_num_threads(n_threads)
+    torch.manual_seed(0)
+    model = OutsideResNet().eval()
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        before = interleaved(lambda: model(x), lambda: model(x), reps, torch.device("cpu"))
+        row = _tap_row(model, "eval", x, reps, torch.device("cpu"))
+    print(json.dumps({"role": "plain API, fresh interpreter", "model": "OutsideResNet", **row,
+                      "eager_before_tap_ms": 1e3 * statistics.median(before["a_all_s"] + before["b_all_s"]),
+                      "allocator_tuned": bool(allocator._tuned)}))
 
 
 # ------------------------------------------------------------------------- (b) hand-written steps
@@ -498,10 +577,13 @@ def _target(fig: str) -> str:
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     rows = []
     for r in results.get("a", []):
-        rows.append(("a", f"{r['model']} {r['mode']} fwd{' +autograd' if r['grad'] else ''}, "
-                          f"{len(r['taps'])} taps, b{r['batch']}",
-                     f"eager {r['eager_ms']:.1f} ms, tapped {r['tapped_ms']:.1f} ms", f"{r['ratio']:.3f}",
-                     _target("a"), _verdict("a", r["ratio"])))
+        fresh = "eager_before_tap_ms" in r
+        what = f"{r['model']} {r['mode']} fwd{' +autograd' if r['grad'] else ''}, {len(r['taps'])} taps, b{r['batch']}"
+        values = f"eager {r['eager_ms']:.1f} ms, tapped {r['tapped_ms']:.1f} ms"
+        if fresh:
+            what = f"{what}, plain API in a fresh process"
+            values = f"{values} (eager before tap {r['eager_before_tap_ms']:.1f} ms)"
+        rows.append(("a", what, values, f"{r['ratio']:.3f}", _target("a"), _verdict("a", r["ratio"])))
     for r in results.get("b", []):
         rows.append(("b", f"{r['method']} step {r['teacher']}->{r['student']}, b{r['batch']} "
                           f"(loss rel diff {r['loss_rel_diff']:.1e})",
