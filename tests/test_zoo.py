@@ -18,11 +18,12 @@ from kdgraph.models import build_model
 from tests.tapcheck import check_model
 
 # torchvision: every classification model; input sizes where 32x32 is too small or a size is required.
-TV_SIZE = {"inception_v3": 96, "googlenet": 64, "alexnet": 64, "squeezenet1_0": 64, "squeezenet1_1": 64}
+# (inception_v3's train-mode auxiliary head needs 299; maxvit_t's 7x7 partitions need 224)
+TV_SIZE = {"inception_v3": 299, "googlenet": 64, "alexnet": 64, "squeezenet1_0": 64, "squeezenet1_1": 64,
+           "maxvit_t": 224}
 TV_KWARGS = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
-             "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56},
-             "maxvit_t": {"input_size": (64, 64)}}
-TV_SIZE.update({k: v.get("image_size", 64) for k, v in TV_KWARGS.items()})
+             "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56}}
+TV_SIZE.update({k: v["image_size"] for k, v in TV_KWARGS.items()})
 
 # timm: a broad sample of families (small variants), at the model's own size where it is fixed.
 TIMM = [
