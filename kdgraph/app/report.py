@@ -235,6 +235,17 @@ def _repeated_runs(records: Sequence[dict], echo: Callable[[str], Any]) -> list[
             f"deviation; n: runs with a result).\n\n{table}\n"]
 
 
+def _report_folder(out: Path) -> Path:
+    """``out``, created if needed; a file there, or a folder that cannot be made, is a UserError."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder (report.md, report.csv and curves.png go there)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
+    return out
+
+
 def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[str], Any] = print) -> dict:
     """Write ``report.md``, ``report.csv`` and ``curves.png`` for the runs in ``paths``; print the tables.
 
@@ -248,13 +259,7 @@ def report(paths: list[str], out_dir: str | Path | None = None, echo: Callable[[
         raise UserError(f"no runs to report in {' '.join(map(str, paths)) or '(nothing given)'}: "
                         f"give run directories (with a {RunDir.SUMMARY}), sweep directories or globs such as runs/*")
     parent = _common_parent(run_dirs)
-    out = Path(out_dir) if out_dir is not None else parent
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder (report.md, report.csv and curves.png go there)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
+    out = _report_folder(Path(out_dir) if out_dir is not None else parent)
     base = out.resolve()
 
     cells = sweep_seed_groups(sweep_dirs)
