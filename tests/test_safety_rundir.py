@@ -25,7 +25,10 @@ from kdgraph.app.launch import ENTRY, engine_command
 from kdgraph.app.rundir import RunDir
 from tests.conftest import tiny_spec, write_yaml
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+REPO = Path(__file__).resolve().parent.parent
+# the children import tests.userpkg (a user's own terms): the repository on their path, as a user's package is
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 ENV.pop("KDGRAPH_CRASH_AT", None)
 
 
